@@ -1,0 +1,11 @@
+"""torch_softmix: softmax mixtures over a frozen output embedding, fitted by warm-started EM.
+
+Data path: tokens -> :class:`TokenCounts` -> :class:`EMFitter` -> :class:`SoftmaxMixtureHead` -> file.
+"""
+
+from .data import TokenCounts
+from .em import EMFitter
+from .head import SoftmaxMixtureHead
+
+__all__ = ["EMFitter", "SoftmaxMixtureHead", "TokenCounts"]
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""SoftmaxMixtureHead: a mixture of softmaxes over a frozen output embedding (MATH.md §1).
+
+    pi = sum_k alpha_k softmax(X beta_k + b)
+
+The embedding ``X (p, L)`` (a language model's ``lm_head.weight``) is held as a buffer that
+shares storage with the tensor it was given: it is never copied, never trained and never
+saved with the head. Everything that touches all ``p`` rows goes through the chunked
+passes of :mod:`torch_softmix.kernels`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .data import TokenCounts, as_counts
+from .io import embedding_fingerprint, read_head_file, write_head_file
+
+
+def _check_design(embedding: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    if not isinstance(embedding, Tensor):
+        raise TypeError(
+            f"embedding must be a torch.Tensor of shape (vocab_size, hidden_size), got {type(embedding).__name__}"
+        )
+    if embedding.dim() != 2 or embedding.shape[0] < 1 or embedding.shape[1] < 1:
+        raise ValueError(
+            "embedding must be 2-D (vocab_size, hidden_size), e.g. model.lm_head.weight; "
+            f"got shape {tuple(embedding.shape)}"
+        )
+    if not embedding.dtype.is_floating_point:
+        raise TypeError(f"embedding must be a floating tensor, got dtype {embedding.dtype}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (embedding.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(
+                f"bias must be a tensor of shape ({embedding.shape[0]},) (one per vocabulary row), got {shape}"
+            )
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating tensor, got dtype {bias.dtype}")
+        bias = bias.detach()
+    return embedding.detach(), bias
+
+
+def _param_dtype(embedding: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return embedding.dtype if embedding.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class SoftmaxMixtureHead(nn.Module):
+    """A K-component softmax mixture over a frozen embedding.
+
+    Args:
+        embedding: ``X (p, L)``, floating. Kept by reference (``.detach()``, same storage).
+        n_components: ``K >= 1``.
+        bias: optional frozen ``b (p,)``.
+        alpha: optional initial weights ``(K,)`` (positive; normalised). Default uniform.
+        beta: optional initial atoms ``(K, L)``. Default zeros (every component uniform over tokens).
+        dtype: parameter / compute dtype; default the embedding's if float32/float64, else float32.
+        chunk_size: rows of ``X`` per chunk in passes over the vocabulary (default: automatic).
+
+    Parameters: ``log_alpha (K,)``, ``beta (K, L)``. Buffers (not saved in ``state_dict``):
+    ``embedding (p, L)``, ``bias (p,)`` or ``None``.
+    """
+
+    embedding: Tensor
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        embedding: Tensor,
+        n_components: int,
+        bias: Tensor | None = None,
+        *,
+        alpha: Tensor | None = None,
+        beta: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        embedding, bias = _check_design(embedding, bias)
+        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+            raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
+        p, L = embedding.shape
+        dt = _param_dtype(embedding, dtype)
+        dev = embedding.device
+        self.register_buffer("embedding", embedding, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.chunk_size = chunk_size
+        self.fit_info: dict[str, Any] = {}
+        self.log_alpha = nn.Parameter(
+            torch.full((n_components,), -float(torch.log(torch.tensor(float(n_components)))), dtype=dt, device=dev)
+        )
+        self.beta = nn.Parameter(torch.zeros(n_components, L, dtype=dt, device=dev))
+        if alpha is not None or beta is not None:
+            self.set_parameters(alpha=alpha, beta=beta)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def n_components(self) -> int:
+        return self.beta.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.shape[1]
+
+    @property
+    def alpha(self) -> Tensor:
+        """Mixture weights ``(K,)``, on the simplex."""
+        return torch.softmax(self.log_alpha, dim=0)
+
+    def extra_repr(self) -> str:
+        return f"n_components={self.n_components}, vocab_size={self.vocab_size}, hidden_size={self.hidden_size}"
+
+    @torch.no_grad()
+    def set_parameters(self, alpha: Tensor | None = None, beta: Tensor | None = None) -> SoftmaxMixtureHead:
+        """Set ``alpha (K,)`` (normalised; zeros allowed) and/or ``beta (K, L)`` in place."""
+        K, L = self.beta.shape
+        if alpha is not None:
+            alpha = torch.as_tensor(alpha, dtype=torch.float64)
+            if alpha.shape != (K,):
+                raise ValueError(f"alpha must have shape ({K},), got {tuple(alpha.shape)}")
+            if not torch.isfinite(alpha).all() or (alpha < 0).any() or alpha.sum() <= 0:
+                raise ValueError("alpha must be finite, non-negative and not all zero")
+            self.log_alpha.copy_(torch.log(alpha / alpha.sum()))
+        if beta is not None:
+            beta = torch.as_tensor(beta)
+            if beta.shape != (K, L):
+                raise ValueError(
+                    f"beta must have shape ({K}, {L}) (n_components, hidden_size), got {tuple(beta.shape)}"
+                )
+            if not torch.isfinite(beta).all():
+                raise ValueError("beta contains NaN or infinite values")
+            self.beta.copy_(beta)
+        return self
+
+    # ------------------------------------------------------------------ laws
+    def log_normalizers(self) -> Tensor:
+        """``A(beta_k)``: ``(K,)`` float64. One pass over the embedding."""
+        return kernels.log_normalizer(self.embedding, self.beta, self.bias, self.chunk_size)
+
+    def _tokens(self, tokens: Tensor) -> Tensor:
+        tokens = torch.as_tensor(tokens, device=self.embedding.device)
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(
+                f"tokens must lie in [0, {self.vocab_size}), got ids in [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        return tokens.long()
+
+    def component_log_probs(self, tokens: Tensor | None = None) -> Tensor:
+        """``log s_k(j)`` for each component: ``(*tokens.shape, K)``; ``(p, K)`` when ``tokens`` is None."""
+        A = self.log_normalizers()
+        if tokens is None:
+            return kernels.component_log_probs(self.embedding, self.beta, A, self.bias)
+        tokens = self._tokens(tokens)
+        out = kernels.component_log_probs(self.embedding, self.beta, A, self.bias, tokens.reshape(-1))
+        return out.reshape(*tokens.shape, self.n_components)
+
+    def _joint(self, tokens: Tensor | None) -> Tensor:
+        """``log alpha_k + log s_k(j)``: ``(*tokens.shape, K)``."""
+        return torch.log_softmax(self.log_alpha, 0) + self.component_log_probs(tokens)
+
+    def log_prob(self, tokens: Tensor) -> Tensor:
+        """``log pi_j`` for token ids of any shape; returns the same shape."""
+        return torch.logsumexp(self._joint(tokens), dim=-1)
+
+    def log_probs(self) -> Tensor:
+        """The full log law ``log pi``: ``(p,)``."""
+        return torch.logsumexp(self._joint(None), dim=-1)
+
+    def responsibilities(self, tokens: Tensor | None = None, *, counts: Tensor | TokenCounts | None = None) -> Tensor:
+        """Posterior component probabilities ``gamma_jk``.
+
+        With ``tokens`` (any shape): ``(*tokens.shape, K)``. With ``counts`` (``(p,)`` or
+        :class:`TokenCounts`): ``(S, K)`` on the support ``S`` of the counts (sorted ids).
+        """
+        if counts is not None:
+            if tokens is not None:
+                raise ValueError("pass tokens or counts, not both")
+            tokens = as_counts(None, counts, self.vocab_size).support
+        if tokens is None:
+            raise ValueError("pass tokens= or counts=")
+        return torch.softmax(self._joint(tokens), dim=-1)
+
+    @torch.no_grad()
+    def loglik(self, counts: Tensor | TokenCounts | None = None, *, tokens: Tensor | None = None) -> Tensor:
+        """``sum_j n_j log pi_j`` (float64 scalar) for counts ``(p,)`` / :class:`TokenCounts`, or tokens."""
+        c = as_counts(tokens, counts, self.vocab_size).to(self.embedding.device)
+        stats = kernels.e_step(
+            self.embedding,
+            self.beta,
+            self.log_alpha.log_softmax(0),
+            self.log_normalizers(),
+            c.support,
+            c.values,
+            self.bias,
+            self.chunk_size,
+        )
+        return stats.loglik
+
+    def forward(self, hidden_states: Tensor | None = None) -> Tensor:
+        """Log-probabilities usable as logits: ``(p,)``, or ``(*hidden_states.shape[:-1], p)``.
+
+        The mixture does not depend on the context, so every position gets the same law.
+        """
+        lp = self.log_probs()
+        if hidden_states is None:
+            return lp
+        return lp.expand(*hidden_states.shape[:-1], self.vocab_size)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` token ids ``(n,)`` int64 from ``pi`` (with replacement)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        probs = self.log_probs().double().exp()
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        out = (
+            torch.multinomial(probs, n, replacement=True, generator=generator)
+            if n
+            else torch.zeros(0, dtype=torch.long)
+        )
+        return out.to(self.embedding.device)
+
+    # ------------------------------------------------------------------ files
+    def fingerprint(self) -> str:
+        """The fingerprint of this head's design (see :func:`torch_softmix.io.embedding_fingerprint`)."""
+        return embedding_fingerprint(self.embedding, self.bias)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the parameters and metadata to a safetensors file, atomically.
+
+        The embedding is not stored; its fingerprint is, and :meth:`load` checks it.
+        """
+        meta = {
+            "n_components": str(self.n_components),
+            "vocab_size": str(self.vocab_size),
+            "hidden_size": str(self.hidden_size),
+            "dtype": str(self.beta.dtype).removeprefix("torch."),
+            "has_bias": json.dumps(self.bias is not None),
+            "embedding_fingerprint": self.fingerprint(),
+            "fit": json.dumps(self.fit_info, sort_keys=True, default=str),
+        }
+        write_head_file(path, {"log_alpha": self.log_alpha, "beta": self.beta}, meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        embedding: Tensor,
+        bias: Tensor | None = None,
+        *,
+        check_embedding: bool = True,
+        chunk_size: int | None = None,
+    ) -> SoftmaxMixtureHead:
+        """Load a head saved by :meth:`save` onto ``embedding (p, L)`` (and ``bias``).
+
+        Raises ``ValueError`` when the file's fingerprint does not match the given design
+        (pass ``check_embedding=False`` to load anyway, e.g. onto a re-quantised copy).
+        """
+        tensors, meta = read_head_file(path)
+        embedding, bias = _check_design(embedding, bias)
+        beta, log_alpha = tensors["beta"], tensors["log_alpha"]
+        p, L = embedding.shape
+        if beta.dim() != 2 or log_alpha.shape != (beta.shape[0],):
+            raise ValueError(
+                f"{str(path)!r} holds inconsistent shapes: beta {tuple(beta.shape)}, log_alpha {tuple(log_alpha.shape)}"
+            )
+        if int(meta.get("vocab_size", p)) != p or beta.shape[1] != L:
+            raise ValueError(
+                f"{str(path)!r} was fitted on an embedding of shape ({meta.get('vocab_size')}, {beta.shape[1]}), "
+                f"but the embedding given has shape ({p}, {L})"
+            )
+        if json.loads(meta.get("has_bias", "false")) != (bias is not None):
+            raise ValueError(
+                f"{str(path)!r} was fitted {'with' if bias is None else 'without'} an output bias; "
+                f"pass bias={'the model bias' if bias is None else 'None'}"
+            )
+        if check_embedding and meta.get("embedding_fingerprint") != embedding_fingerprint(embedding, bias):
+            raise ValueError(
+                f"{str(path)!r} was fitted on a different embedding (fingerprint {meta.get('embedding_fingerprint')} "
+                f"!= {embedding_fingerprint(embedding, bias)}); load it onto the model it was fitted on, "
+                "or pass check_embedding=False if you know the designs agree"
+            )
+        head = cls(embedding, beta.shape[0], bias, dtype=beta.dtype, chunk_size=chunk_size)
+        with torch.no_grad():
+            head.log_alpha.copy_(log_alpha)
+            head.beta.copy_(beta)
+        head.fit_info = json.loads(meta.get("fit", "{}"))
+        return head

@@ -1,0 +1,118 @@
+"""Files: the head's safetensors format, embedding fingerprints and atomic writes.
+
+A head file holds the fitted parameters only (``log_alpha (K,)``, ``beta (K, L)``); the
+embedding it belongs to is identified by a fingerprint, never stored. Metadata is
+safetensors' ``str -> str`` map (see ``docs/format.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as _st_save
+from torch import Tensor
+
+FORMAT_NAME = "torch_softmix.head"
+FORMAT_VERSION = 1
+#: Rows of the embedding read by the fingerprint (evenly spaced, always the first and last).
+FINGERPRINT_ROWS = 1024
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, flushed and renamed.
+
+    A crash or kill mid-write leaves the previous file (if any) untouched, never a torn one.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: the folder {str(folder)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def embedding_fingerprint(embedding: Tensor, bias: Tensor | None = None) -> str:
+    """A short hex digest identifying a design ``X (p, L)`` (and bias ``b (p,)``).
+
+    It hashes the shape and up to :data:`FINGERPRINT_ROWS` evenly spaced rows, exactly, as
+    float32 bytes: cheap for a gigabyte matrix, identical on CPU and CUDA and for float32 /
+    bfloat16 copies that hold the same values, and different for another model's embedding.
+    """
+    p, L = embedding.shape
+    idx = torch.linspace(0, p - 1, min(p, FINGERPRINT_ROWS), dtype=torch.float64).round().long().unique()
+    h = hashlib.sha256()
+    h.update(f"{p}x{L}".encode())
+    rows = (
+        embedding.detach().index_select(0, idx.to(embedding.device)).to(device="cpu", dtype=torch.float32).contiguous()
+    )
+    h.update(rows.numpy().tobytes())
+    if bias is not None:
+        h.update(b"bias")
+        h.update(bias.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def write_head_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:
+    """Atomically write ``tensors`` with ``metadata`` (values JSON-encoded unless already ``str``)."""
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    for key, value in metadata.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    data = _st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
+    atomic_write_bytes(path, data)
+
+
+def read_head_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a head file written by :func:`write_head_file`, checking its format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no head file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{str(path)!r} is a safetensors file but not a torch_softmix head (metadata format={meta.get('format')!r})"
+        )
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ValueError(f"{str(path)!r} has an unreadable format_version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} uses head format version {version}, newer than this torch_softmix reads "
+            f"(version {FORMAT_VERSION}); upgrade torch_softmix"
+        )
+    for name in ("log_alpha", "beta"):
+        if name not in tensors:
+            raise ValueError(f"{str(path)!r} lacks the tensor {name!r}; the file is incomplete")
+    return tensors, meta
