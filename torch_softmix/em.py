@@ -76,7 +76,7 @@ class EMFitter:
         n_init: int = 1,
         init_max_iter: int | None = None,
         max_iter: int = 300,
-        tol: float = 1e-7,
+        tol: float = 1e-9,
         ridge: float = 1e-6,
         m_step: str = "newton",
         m_step_iter: int = 1,

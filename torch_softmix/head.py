@@ -11,6 +11,7 @@ passes of :mod:`torch_softmix.kernels`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -93,9 +94,7 @@ class SoftmaxMixtureHead(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.chunk_size = chunk_size
         self.fit_info: dict[str, Any] = {}
-        self.log_alpha = nn.Parameter(
-            torch.full((n_components,), -float(torch.log(torch.tensor(float(n_components)))), dtype=dt, device=dev)
-        )
+        self.log_alpha = nn.Parameter(torch.full((n_components,), -math.log(n_components), dtype=dt, device=dev))
         self.beta = nn.Parameter(torch.zeros(n_components, L, dtype=dt, device=dev))
         if alpha is not None or beta is not None:
             self.set_parameters(alpha=alpha, beta=beta)

@@ -88,7 +88,7 @@ def sample_counts(head: SoftmaxMixtureHead, n: int, seed: int | None = None) -> 
 # ---------------------------------------------------------------------- metrics
 def match_components(beta_hat: Tensor, beta: Tensor) -> Tensor:
     """The permutation ``perm (K,)`` with ``beta_hat[perm[k]]`` matched to ``beta[k]`` (Hungarian, L2 cost)."""
-    cost = torch.cdist(beta.double().cpu(), beta_hat.double().cpu()).numpy()
+    cost = torch.cdist(beta.detach().double().cpu(), beta_hat.detach().double().cpu()).numpy()
     rows, cols = linear_sum_assignment(cost)
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols)
@@ -97,7 +97,7 @@ def match_components(beta_hat: Tensor, beta: Tensor) -> Tensor:
 
 def atom_errors(beta_hat: Tensor, beta: Tensor, perm: Tensor | None = None) -> dict[str, float | list[float]]:
     """Relative atom errors ``||beta_hat_k - beta_k|| / ||beta_k||`` after matching: max, mean, each."""
-    beta, beta_hat = beta.double().cpu(), beta_hat.double().cpu()
+    beta, beta_hat = beta.detach().double().cpu(), beta_hat.detach().double().cpu()
     perm = match_components(beta_hat, beta) if perm is None else perm
     rel = (beta_hat[perm] - beta).norm(dim=1) / beta.norm(dim=1).clamp_min(1e-300)
     return {"max": float(rel.max()), "mean": float(rel.mean()), "each": rel.tolist()}
@@ -105,7 +105,7 @@ def atom_errors(beta_hat: Tensor, beta: Tensor, perm: Tensor | None = None) -> d
 
 def weight_error(alpha_hat: Tensor, alpha: Tensor, perm: Tensor) -> float:
     """``|alpha_hat - alpha|_1`` after matching."""
-    return float((alpha_hat.double().cpu()[perm] - alpha.double().cpu()).abs().sum())
+    return float((alpha_hat.detach().double().cpu()[perm] - alpha.double().cpu()).abs().sum())
 
 
 def tv_distance(log_p: Tensor, log_q: Tensor) -> float:
