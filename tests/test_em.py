@@ -22,6 +22,7 @@ def _objectives(fitter):
         (5, 4.0, 1e-4, 4),
     ],
 )
+@pytest.mark.filterwarnings("ignore:init='mom'")
 def test_em_never_decreases_objective(K, norm, ridge, seed):
     X = sim.gaussian_design(800, 5, seed=seed, dtype=torch.float64)
     truth = sim.random_mixture(K, 5, norm=norm, seed=seed + 100)
@@ -85,15 +86,16 @@ def test_same_seed_same_fit_and_restarts_keep_best():
     X = sim.gaussian_design(500, 4, seed=12, dtype=torch.float64)
     truth = sim.random_mixture(3, 4, norm=3.0, seed=13)
     counts = sim.sample_counts(sim.make_head(X, truth), 20_000, seed=1)
-    f1 = EMFitter(3, n_init=4, random_state=5, max_iter=50)
+    kw = dict(init="random", n_init=4, init_max_iter=None, random_state=5, max_iter=50)
+    f1 = EMFitter(3, **kw)
     h1 = f1.fit(X, counts=counts)
-    h2 = EMFitter(3, n_init=4, random_state=5, max_iter=50).fit(X, counts=counts)
+    h2 = EMFitter(3, **kw).fit(X, counts=counts)
     assert torch.equal(h1.beta, h2.beta)
     assert len(f1.init_results_) == 4
     assert f1.init_results_[f1.best_init_] == max(f1.init_results_)
     assert f1.objective_ == pytest.approx(max(f1.init_results_))
     # screening: a few iterations per start, the best continued
-    f3 = EMFitter(3, n_init=4, init_max_iter=3, random_state=5, max_iter=50)
+    f3 = EMFitter(3, init="random", n_init=4, init_max_iter=3, random_state=5, max_iter=50)
     f3.fit(X, counts=counts)
     assert len(f3.init_results_) == 4 and f3.objective_ >= max(f3.init_results_) - 1e-12
 

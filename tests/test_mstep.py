@@ -1,5 +1,6 @@
 """The M-step's objective, gradient and Hessian against autograd; Newton raises the objective."""
 
+import pytest
 import torch
 
 from torch_softmix import kernels, mstep
@@ -54,25 +55,47 @@ def test_moments_are_chunk_invariant_and_match_direct():
             torch.testing.assert_close(mom.C[k], C)
 
 
-def test_newton_m_step_increases_each_objective_and_converges():
+@pytest.mark.parametrize("method", ["newton", "newton-cg"])
+def test_newton_m_step_increases_each_objective_and_converges(method):
     X = sim.gaussian_design(300, 4, seed=5, dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
     target = torch.randn(2, 4, generator=gen, dtype=torch.float64)
     W = torch.tensor([50.0, 20.0], dtype=torch.float64)
     S1 = W[:, None] * kernels.softmax_moments(X, target, order=1).m  # mu_k = m(target): optimum near target
     lam = 1e-3
-    beta = torch.zeros(2, 4, dtype=torch.float64)
-    mom = kernels.softmax_moments(X, beta, order=2)
-    f_prev = mstep.m_objective(beta, mom.A, W, S1, lam)
+    state = mstep.AtomState.from_beta(X, torch.zeros(2, 4, dtype=torch.float64), None, torch.float64)
+    f_prev = mstep.m_objective(state.beta, state.A, W, S1, lam)
     for _ in range(15):
-        beta, mom, info = mstep.newton_m_step(X, beta, W, S1, lam, mom, max_steps=1)
-        f = mstep.m_objective(beta, mom.A, W, S1, lam)
+        state, info = mstep.newton_m_step(X, state, W, S1, lam, dtype=torch.float64, method=method)
+        f = mstep.m_objective(state.beta, state.A, W, S1, lam)
         assert (f >= f_prev - 1e-12).all()
         f_prev = f
-    g = mstep.m_gradient(beta, mom.m, W, S1, lam)
-    assert g.abs().max() < 1e-8
-    # ridge pulls slightly toward 0; the optimum is the ridge-regularised moment match
-    torch.testing.assert_close(beta, target, rtol=0, atol=1e-3)
+        # the cached logits and normalisers stay those of the atoms
+        fresh = mstep.AtomState.from_beta(X, state.beta, None, torch.float64)
+        torch.testing.assert_close(state.logits, fresh.logits)
+        torch.testing.assert_close(state.A, fresh.A)
+    mom = kernels.softmax_moments(X, state.beta, order=1)
+    g = mstep.m_gradient(state.beta, mom.m, W, S1, lam)
+    assert g.abs().max() < 1e-7
+    torch.testing.assert_close(state.beta, target, rtol=0, atol=1e-3)  # the ridge pulls slightly toward 0
+
+
+def test_covariance_matvec_and_cg_match_the_dense_hessian():
+    X = sim.gaussian_design(250, 6, seed=8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    beta = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    mom = kernels.softmax_moments(X, beta, order=2, chunk_size=41)
+    s = torch.softmax(X @ beta.T, dim=0)
+    V = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    CV = kernels.covariance_matvec(X, s, mom.m, V, chunk_size=41)
+    torch.testing.assert_close(CV, torch.einsum("kab,kb->ka", mom.C, V))
+    torch.testing.assert_close(kernels.covariance_diagonal(X, s, mom.m), torch.diagonal(mom.C, dim1=1, dim2=2))
+    W = torch.tensor([30.0, 5.0, 1.0], dtype=torch.float64)
+    g = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    d_cg, iters = mstep.cg_direction(X, s, mom.m, W, 0.1, g, max_iter=50, rtol=1e-12)
+    d_newton = mstep.newton_direction(g, mstep.m_hessian(mom.C, W, 0.1))
+    torch.testing.assert_close(d_cg, d_newton, rtol=1e-8, atol=1e-10)
+    assert iters <= 7  # CG is exact in at most L (+ rounding) steps
 
 
 def test_m_step_single_token_component_stays_finite():
@@ -81,10 +104,9 @@ def test_m_step_single_token_component_stays_finite():
     W = torch.tensor([100.0], dtype=torch.float64)
     j = int(X.norm(dim=1).argmax())  # the farthest row is a vertex of the convex hull
     S1 = W[:, None] * X[j : j + 1]
-    beta = torch.zeros(1, 3, dtype=torch.float64)
-    mom = kernels.softmax_moments(X, beta, order=2)
+    state = mstep.AtomState.from_beta(X, torch.zeros(1, 3, dtype=torch.float64), None, torch.float64)
     for _ in range(30):
-        beta, mom, _ = mstep.newton_m_step(X, beta, W, S1, 1e-2, mom, max_steps=1)
-    assert torch.isfinite(beta).all() and torch.isfinite(mom.A).all()
-    s = torch.softmax(X @ beta[0], 0)
+        state, _ = mstep.newton_m_step(X, state, W, S1, 1e-2, dtype=torch.float64)
+    assert torch.isfinite(state.beta).all() and torch.isfinite(state.A).all()
+    s = torch.softmax(X @ state.beta[0], 0)
     assert int(s.argmax()) == j and float(s[j]) > 0.5

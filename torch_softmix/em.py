@@ -25,19 +25,34 @@ from torch import Tensor
 from . import kernels
 from .data import TokenCounts, as_counts
 from .head import SoftmaxMixtureHead, _check_design, _param_dtype
-from .mstep import newton_m_step
+from .moments import Whitening, latent_moments, mom_estimate, subspace_starts
+from .mstep import AUTO_NEWTON_MAX_L, M_STEPS, AtomState, newton_m_step
 
-INIT_CHOICES = ("random",)
-M_STEPS = ("newton",)
+INIT_CHOICES = ("mom", "subspace", "random")
+MOM_METHODS = ("tensor", "univariate")
+#: Subspace starts used when the MoM estimate is unusable and fewer starts were asked for.
+FALLBACK_STARTS = 10
+ACCELERATIONS = (None, "squarem")
+#: Extrapolation lengths tried by SQUAREM before it settles for the plain EM iterate.
+SQUAREM_BACKTRACKS = 8
 
 
 @dataclass
 class _State:
-    """Parameters of one EM run, with the moments of the atoms (``order=2``) cached."""
+    """Parameters of one EM run: ``log_alpha (K,)`` float64 and the atoms with their cached logits."""
 
-    log_alpha: Tensor  # (K,)
-    beta: Tensor  # (K, L)
-    moments: kernels.SoftmaxMoments
+    log_alpha: Tensor
+    atoms: AtomState
+
+
+@dataclass
+class _Point:
+    """A state with its E-step: statistics, per-token log-likelihood and penalised objective."""
+
+    state: _State
+    stats: kernels.EStepStats
+    loglik: float
+    objective: float
 
 
 class EMFitter:
@@ -45,16 +60,33 @@ class EMFitter:
 
     Args:
         n_components: ``K >= 1``.
-        init: ``"random"``; or a :class:`SoftmaxMixtureHead` or a dict with ``"alpha" (K,)`` and
-            ``"beta" (K, L)`` to start from (an oracle start when given the truth).
-        n_init: number of starts (random draws); the one with the best objective is kept.
-        init_max_iter: if set, each of the ``n_init`` starts is run this many iterations and only the
-            best is continued to convergence (screening); if ``None`` each start runs to convergence.
+        init: where EM starts (MATH.md §4):
+
+            * ``"mom"`` (default): the method-of-moments estimate from latent moments, plus
+              ``n_init - 1`` subspace starts. If the moments are unusable (``K`` above the usable
+              rank, too few tokens, invalid solutions) it falls back to ``max(n_init, 10)``
+              subspace starts and records why in ``init_info_``.
+            * ``"subspace"``: ``n_init`` random atoms inside the top-``K`` eigenspace of ``M2``,
+              scaled from ``trace(M2)``, uniform weights (the paper's restarts).
+            * ``"random"``: ``n_init`` atoms ``N(0, I / tr(Cov X))``, uniform weights.
+            * a :class:`SoftmaxMixtureHead` or a dict with ``"alpha" (K,)`` and ``"beta" (K, L)``:
+              a warm start (an oracle start when given the truth).
+        n_init: number of starts; the one with the best objective is kept.
+        init_max_iter: with several starts, each is run this many EM iterations and only the best
+            is continued to convergence (screening); ``None`` runs every start to convergence.
+        mom_method: ``"tensor"`` (third moment, Jennrich) or ``"univariate"`` (the paper's Hermite
+            moments along directions) for ``init="mom"``.
         max_iter: maximum EM iterations of the final run.
         tol: stop when the per-token objective rises by less than ``tol`` in an iteration.
         ridge: per-token ridge; the penalty is ``lam = ridge * N`` (MATH.md §3). ``0`` allowed.
-        m_step: ``"newton"`` (full Newton with backtracking).
+        m_step: ``"newton"`` (full Newton: ``K`` Hessians of size ``L x L``), ``"newton-cg"``
+            (Hessian-vector products, no ``L x L`` matrix) or ``"auto"`` (full Newton for
+            ``L <= 64``, Newton-CG above). Both use a backtracking line search and are monotone.
         m_step_iter: Newton steps per M-step (1 = generalised EM).
+        cg_max_iter, cg_rtol: conjugate-gradient budget and relative residual for ``"newton-cg"``.
+        accelerate: ``"squarem"`` (default) extrapolates every two EM iterations (SQUAREM) and keeps
+            the extrapolation only if its objective is at least the plain EM iterate's, so the fit
+            stays monotone; ``None`` runs plain EM.
         random_state: seed (int) or ``torch.Generator`` for the random starts.
         device: where to compute (default: the embedding's device). The embedding is moved
             (copied) only if it lives elsewhere.
@@ -65,21 +97,28 @@ class EMFitter:
 
     Fitted attributes: ``head_``, ``converged_``, ``n_iter_``, ``lower_bound_`` (per-token
     log-likelihood of the fit), ``objective_`` (per-token penalised objective), ``history_``
-    (a dict per iteration), ``init_results_`` (final per-token objective of each start),
-    ``best_init_`` (index of the start kept), ``n_tokens_``.
+    (a dict per iteration, the winning start's screening iterations included),
+    ``init_names_`` (each start's name: ``"mom"``, ``"subspace-3"``, ...), ``init_results_`` and
+    ``init_logliks_`` (per-token objective and log-likelihood each start reached), ``best_init_``
+    (index of the start kept), ``init_info_`` (MoM diagnostics, fallback reason), ``mom_``
+    (the :class:`~torch_softmix.moments.MoMResult`, for ``init="mom"``), ``n_tokens_``.
     """
 
     def __init__(
         self,
         n_components: int,
-        init: str | SoftmaxMixtureHead | dict = "random",
+        init: str | SoftmaxMixtureHead | dict = "mom",
         n_init: int = 1,
-        init_max_iter: int | None = None,
+        init_max_iter: int | None = 10,
+        mom_method: str = "tensor",
         max_iter: int = 300,
         tol: float = 1e-9,
         ridge: float = 1e-6,
-        m_step: str = "newton",
+        m_step: str = "auto",
         m_step_iter: int = 1,
+        cg_max_iter: int = 10,
+        cg_rtol: float = 1e-3,
+        accelerate: str | None = "squarem",
         random_state: int | torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -90,11 +129,15 @@ class EMFitter:
         self.init = init
         self.n_init = n_init
         self.init_max_iter = init_max_iter
+        self.mom_method = mom_method
         self.max_iter = max_iter
         self.tol = tol
         self.ridge = ridge
         self.m_step = m_step
         self.m_step_iter = m_step_iter
+        self.cg_max_iter = cg_max_iter
+        self.cg_rtol = cg_rtol
+        self.accelerate = accelerate
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
@@ -113,11 +156,16 @@ class EMFitter:
         pos_int("n_init", self.n_init)
         pos_int("max_iter", self.max_iter)
         pos_int("m_step_iter", self.m_step_iter)
+        pos_int("cg_max_iter", self.cg_max_iter)
         pos_int("init_max_iter", self.init_max_iter, allow_none=True)
-        for name in ("tol", "ridge"):
+        for name in ("tol", "ridge", "cg_rtol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.accelerate not in ACCELERATIONS:
+            raise ValueError(f"accelerate must be one of {ACCELERATIONS}, got {self.accelerate!r}")
+        if self.mom_method not in MOM_METHODS:
+            raise ValueError(f"mom_method must be one of {MOM_METHODS}, got {self.mom_method!r}")
         if self.m_step not in M_STEPS:
             raise ValueError(f"m_step must be one of {M_STEPS}, got {self.m_step!r}")
         if isinstance(self.init, str) and self.init not in INIT_CHOICES:
@@ -160,86 +208,182 @@ class EMFitter:
         beta = torch.randn(K, L, generator=gen, dtype=torch.float64) / math.sqrt(max(total_var, 1e-300))
         return torch.full((K,), 1.0 / K, dtype=torch.float64), beta
 
+    def _whitening(self, X: Tensor) -> Whitening:
+        """The design's whitening, cached across fits on the same, unmodified tensor."""
+        key = (X.data_ptr(), tuple(X.shape), X.dtype, X.device, X._version)
+        cached = getattr(self, "_whitening_cache", None)
+        if cached is None or cached[0] != key:
+            self._whitening_cache = (key, Whitening.from_design(X, self.chunk_size))
+        return self._whitening_cache[1]
+
+    def _starts(self, X: Tensor, data: TokenCounts, gen: torch.Generator) -> list[tuple[str, Tensor, Tensor]]:
+        """The list of ``(name, alpha (K,), beta (K, L))`` starts that ``init`` asks for."""
+        self.init_info_: dict[str, Any] = {}
+        self.mom_ = None
+        if not isinstance(self.init, str):
+            return [("given", *self._explicit_start(X.shape[1]))]
+        if self.init == "random":
+            return [(f"random-{i}", *self._random_start(X, gen)) for i in range(self.n_init)]
+        whitening = self._whitening(X)
+        lm = latent_moments(X, data, whitening, self.chunk_size)
+        n_sub = self.n_init
+        starts: list[tuple[str, Tensor, Tensor]] = []
+        if self.init == "mom":
+            mom = mom_estimate(
+                X, data, self.n_components, method=self.mom_method, whitening=whitening, moments=lm, seed=gen
+            )
+            self.mom_ = mom
+            self.init_info_["mom_method"] = self.mom_method
+            if mom.ok:
+                starts.append(("mom", mom.alpha, mom.beta))
+                n_sub = self.n_init - 1
+            else:
+                self.init_info_["fallback"] = f"MoM unusable ({mom.reason}); used subspace starts"
+                warnings.warn(f"init='mom': {self.init_info_['fallback']}", RuntimeWarning, stacklevel=4)
+                n_sub = max(self.n_init, FALLBACK_STARTS)
+        subs = subspace_starts(lm, whitening, self.n_components, n_sub, gen)
+        starts += [(f"subspace-{i}", a, b) for i, (a, b) in enumerate(subs)]
+        return starts
+
     # ------------------------------------------------------------------ steps
-    def _e_step(self, X, bias, state: _State, counts: TokenCounts) -> kernels.EStepStats:
-        return kernels.e_step(
-            X, state.beta, state.log_alpha, state.moments.A, counts.support, counts.values, bias, self.chunk_size
+    def _e_step(self, X, state: _State, counts: TokenCounts) -> kernels.EStepStats:
+        lg = state.atoms.logits.index_select(0, counts.support)
+        return kernels.e_step_from_logits(
+            X, lg, state.log_alpha, state.atoms.A, counts.support, counts.values, self._dtype, self.chunk_size
         )
 
-    def _m_step(self, X, bias, state: _State, stats: kernels.EStepStats, N: float) -> tuple[_State, dict]:
-        log_alpha = torch.log(stats.W) - math.log(stats.W.sum())
-        beta, moments, info = newton_m_step(
+    def _m_step(self, X, state: _State, stats: kernels.EStepStats, N: float) -> tuple[_State, dict]:
+        log_alpha = torch.log(stats.W) - math.log(N)
+        atoms, info = newton_m_step(
             X,
-            state.beta,
+            state.atoms,
             stats.W,
-            stats.S1.to(state.beta.dtype),
+            stats.S1,
             self.ridge * N,
-            state.moments,
-            bias,
+            dtype=self._dtype,
+            method=self._m_step_method,
             max_steps=self.m_step_iter,
             tol=0.01 * self.tol * N,
+            cg_max_iter=self.cg_max_iter,
+            cg_rtol=self.cg_rtol,
             chunk_size=self.chunk_size,
         )
-        return _State(log_alpha.to(state.beta.dtype), beta, moments), {
+        return _State(log_alpha, atoms), {
             "step_sizes": info.step_sizes,
             "passes": info.passes,
+            "cg_iters": info.cg_iters,
         }
 
     def _objective(self, loglik: Tensor, beta: Tensor, N: float) -> float:
         """Per-token penalised objective ``F / N``."""
         return float(loglik) / N - 0.5 * self.ridge * float((beta.double() ** 2).sum())
 
-    def _run(self, X, bias, counts: TokenCounts, alpha: Tensor, beta: Tensor, max_iter: int, bar=None) -> dict:
-        """EM from one start: the final state, its per-token log-likelihood and objective, history."""
-        dt, dev = self._dtype, self._device
+    def _evaluate(self, X, state: _State, counts: TokenCounts) -> _Point:
+        """E-step at ``state``: its statistics, per-token log-likelihood and objective."""
+        stats = self._e_step(X, state, counts)
         N = counts.total
-        beta = beta.to(device=dev, dtype=dt)
-        log_alpha = torch.log(alpha.to(device=dev, dtype=torch.float64) / alpha.sum()).to(dt)
-        state = _State(log_alpha, beta, kernels.softmax_moments(X, beta, bias, order=2, chunk_size=self.chunk_size))
-        history: list[dict] = []
-        converged = False
-        best = None  # (state, loglik, objective) of the last accepted iterate
-        t0 = time.perf_counter()
-        for it in range(max_iter + 1):
-            stats = self._e_step(X, bias, state, counts)
-            loglik = float(stats.loglik) / N
-            obj = self._objective(stats.loglik, state.beta, N)
-            history.append({"iter": it, "loglik": loglik, "objective": obj, "time": time.perf_counter() - t0})
-            if best is not None:
-                gain = obj - best[2]
-                if gain < 0:
-                    # EM cannot decrease F: a dip is rounding, or a bug if it is large. Keep the better iterate.
-                    rounding = 1e3 * torch.finfo(dt).eps * max(1.0, abs(best[2]))
-                    history[-1]["decrease"] = -gain
-                    if -gain > rounding:
-                        warnings.warn(
-                            f"EM objective decreased from {best[2]:.12g} to {obj:.12g} per token at iteration {it}; "
-                            "stopping at the previous iterate. Please report this with the data that trigger it.",
-                            RuntimeWarning,
-                            stacklevel=3,
-                        )
-                    converged = -gain <= rounding
-                    break
-                if gain < self.tol:
-                    converged = True
-                    best = (state, loglik, obj)
-                    break
-            best = (state, loglik, obj)
-            if it == max_iter:
+        return _Point(state, stats, float(stats.loglik) / N, self._objective(stats.loglik, state.atoms.beta, N))
+
+    def _em_map(self, X, point: _Point, counts: TokenCounts) -> tuple[_Point, dict]:
+        """One EM iteration: M-step from ``point``'s statistics, then the E-step at the new parameters."""
+        state, info = self._m_step(X, point.state, point.stats, counts.total)
+        return self._evaluate(X, state, counts), info
+
+    def _squarem(self, X, bias, p0: _Point, p1: _Point, p2: _Point, counts: TokenCounts) -> tuple[_Point, float]:
+        """SQUAREM (Varadhan & Roland 2008, SqS3) from three EM iterates; never worse than ``p2``.
+
+        ``theta' = theta0 - 2 a r + a^2 v`` with ``r = theta1 - theta0``, ``v = theta2 - 2 theta1 + theta0``,
+        ``a = -|r| / |v|``; ``a`` is moved toward ``-1`` (which gives ``theta2``) until the objective at
+        ``theta'`` is at least that of ``theta2``. Parameters: ``beta`` and ``log alpha``.
+        """
+
+        def flat(p: _Point) -> Tensor:
+            return torch.cat([p.state.atoms.beta.flatten(), p.state.log_alpha.clamp_min(-50.0)])
+
+        t0, t1, t2 = flat(p0), flat(p1), flat(p2)
+        r, v = t1 - t0, t2 - 2 * t1 + t0
+        vv = float(v @ v)
+        if vv <= 0 or not math.isfinite(vv):
+            return p2, -1.0
+        a = -math.sqrt(float(r @ r) / vv)
+        K, L = p0.state.atoms.beta.shape
+        for _ in range(SQUAREM_BACKTRACKS):
+            if a >= -1.0:
                 break
-            state, info = self._m_step(X, bias, state, stats, N)
-            history[-1].update(info)
+            theta = t0 - 2 * a * r + a * a * v
+            if bool(torch.isfinite(theta).all()):
+                log_alpha = torch.log_softmax(theta[K * L :], 0)
+                atoms = AtomState.from_beta(X, theta[: K * L].reshape(K, L), bias, self._dtype, self.chunk_size)
+                point = self._evaluate(X, _State(log_alpha, atoms), counts)
+                if point.objective >= p2.objective:
+                    return point, a
+            a = 0.5 * (a - 1.0)
+        return p2, -1.0
+
+    def _run(self, X, bias, counts: TokenCounts, alpha: Tensor, beta: Tensor, max_iter: int, bar=None) -> dict:
+        """EM from one start: the final state, its per-token log-likelihood and objective, history.
+
+        ``max_iter`` counts EM iterations (M-steps); with ``accelerate="squarem"`` each cycle is two
+        EM iterations and an extrapolation that is kept only if it is at least as good.
+        """
+        log_alpha = torch.log(alpha.to(device=self._device, dtype=torch.float64) / alpha.sum())
+        point = self._evaluate(
+            X, _State(log_alpha, AtomState.from_beta(X, beta, bias, self._dtype, self.chunk_size)), counts
+        )
+        t0 = time.perf_counter()
+        history = [{"iter": 0, "loglik": point.loglik, "objective": point.objective, "time": 0.0}]
+        converged = False
+        n_maps = shown = 0
+        while n_maps < max_iter:
+            prev = point
+            if self.accelerate == "squarem" and n_maps + 2 <= max_iter:
+                p1, info = self._em_map(X, prev, counts)
+                p2, _ = self._em_map(X, p1, counts)
+                point, a = self._squarem(X, bias, prev, p1, p2, counts)
+                n_maps += 2
+                info = {**info, "squarem_step": a}
+            else:
+                point, info = self._em_map(X, prev, counts)
+                n_maps += 1
+            gain = point.objective - prev.objective
+            history.append(
+                {
+                    "iter": n_maps,
+                    "loglik": point.loglik,
+                    "objective": point.objective,
+                    "time": time.perf_counter() - t0,
+                    **info,
+                }
+            )
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loglik=f"{loglik:.6f}")
-        state, loglik, obj = best
+                bar.update(n_maps - shown)
+                shown = n_maps
+                bar.set_postfix(loglik=f"{point.loglik:.6f}")
+            if gain < 0:
+                # EM cannot decrease F: a dip is rounding, or a bug if it is large. Keep the better iterate.
+                rounding = 1e3 * torch.finfo(torch.float64).eps * max(1.0, abs(prev.objective))
+                history[-1]["decrease"] = -gain
+                if -gain > rounding:
+                    warnings.warn(
+                        f"EM objective decreased from {prev.objective:.12g} to {point.objective:.12g} per token "
+                        f"at iteration {n_maps}; stopping at the previous iterate. Please report this with the "
+                        "data that trigger it.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                converged = -gain <= rounding
+                point = prev
+                break
+            if gain < self.tol:
+                converged = True
+                break
         return {
-            "state": state,
+            "state": point.state,
             "history": history,
             "converged": converged,
-            "n_iter": len(history) - 1,
-            "objective": obj,
-            "loglik": loglik,
+            "n_iter": n_maps,
+            "objective": point.objective,
+            "loglik": point.loglik,
         }
 
     # ------------------------------------------------------------------ fit
@@ -266,6 +410,10 @@ class EMFitter:
             X, bias = _check_design(embedding_or_head, bias)
         self._device = torch.device(self.device) if self.device is not None else X.device
         self._dtype = _param_dtype(X, self.dtype)
+        if self.m_step == "auto":
+            self._m_step_method = "newton" if X.shape[1] <= AUTO_NEWTON_MAX_L else "newton-cg"
+        else:
+            self._m_step_method = self.m_step
         X = X.to(self._device)
         bias = None if bias is None else bias.to(self._device)
         if not torch.isfinite(kernels.column_variance(X)).all():
@@ -274,10 +422,7 @@ class EMFitter:
         N = data.total
         gen = self._generator()
 
-        if isinstance(self.init, str):
-            starts = [self._random_start(X, gen) for _ in range(self.n_init)]
-        else:
-            starts = [self._explicit_start(X.shape[1])]
+        starts = self._starts(X, data, gen)
         screen = self.init_max_iter is not None and len(starts) > 1
         bar = None
         if self.progress:
@@ -287,17 +432,25 @@ class EMFitter:
             bar = tqdm(total=total, desc=f"EM K={self.n_components}", unit="it")
         try:
             results = []
-            for alpha, beta in starts:
+            for _, alpha, beta in starts:
                 results.append(
                     self._run(X, bias, data, alpha, beta, self.init_max_iter if screen else self.max_iter, bar)
                 )
             best = max(range(len(results)), key=lambda i: results[i]["objective"])
+            self.init_names_ = [name for name, _, _ in starts]
             self.init_results_ = [r["objective"] for r in results]
+            self.init_logliks_ = [r["loglik"] for r in results]
             self.best_init_ = best
             result = results[best]
             if screen:
                 st = result["state"]
-                result = self._run(X, bias, data, st.log_alpha.exp(), st.beta, self.max_iter, bar)
+                more = self._run(X, bias, data, st.log_alpha.exp(), st.atoms.beta, self.max_iter, bar)
+                offset = result["n_iter"]
+                for h in more["history"]:
+                    h["iter"] += offset
+                more["history"] = result["history"][:-1] + more["history"]
+                more["n_iter"] += offset
+                result = more
         finally:
             if bar is not None:
                 bar.close()
@@ -306,7 +459,7 @@ class EMFitter:
         head = SoftmaxMixtureHead(X, self.n_components, bias, dtype=self._dtype, chunk_size=self.chunk_size)
         with torch.no_grad():
             head.log_alpha.copy_(state.log_alpha)
-            head.beta.copy_(state.beta)
+            head.beta.copy_(state.atoms.beta)
         self.head_ = head
         self.converged_ = bool(result["converged"])
         self.n_iter_ = int(result["n_iter"])
@@ -324,5 +477,7 @@ class EMFitter:
             "converged": self.converged_,
             "init": self.init if isinstance(self.init, str) else "given",
             "n_init": len(starts),
+            "best_init": self.init_names_[self.best_init_],
+            **({"init_fallback": self.init_info_["fallback"]} if "fallback" in self.init_info_ else {}),
         }
         return head

@@ -158,13 +158,16 @@ class SoftmaxMixtureHead(nn.Module):
         return tokens.long()
 
     def component_log_probs(self, tokens: Tensor | None = None) -> Tensor:
-        """``log s_k(j)`` for each component: ``(*tokens.shape, K)``; ``(p, K)`` when ``tokens`` is None."""
-        A = self.log_normalizers()
+        """``log s_k(j)`` for each component: ``(*tokens.shape, K)``; ``(p, K)`` when ``tokens`` is None.
+
+        One chunked pass over the embedding (the normalisers need every row); differentiable.
+        """
+        lg = kernels.logits(self.embedding, self.beta, self.bias, chunk_size=self.chunk_size)  # (p, K) float64
+        log_s = (lg - kernels.log_normalizer_from_logits(lg)).to(self.beta.dtype)
         if tokens is None:
-            return kernels.component_log_probs(self.embedding, self.beta, A, self.bias)
+            return log_s
         tokens = self._tokens(tokens)
-        out = kernels.component_log_probs(self.embedding, self.beta, A, self.bias, tokens.reshape(-1))
-        return out.reshape(*tokens.shape, self.n_components)
+        return log_s.index_select(0, tokens.reshape(-1)).reshape(*tokens.shape, self.n_components)
 
     def _joint(self, tokens: Tensor | None) -> Tensor:
         """``log alpha_k + log s_k(j)``: ``(*tokens.shape, K)``."""

@@ -1,13 +1,12 @@
 """Chunked passes over the design: where the formulas of MATH.md §1–§3 are evaluated.
 
-Every function here walks the vocabulary (the ``p`` rows of ``X``) in chunks, so the
-largest temporary is ``chunk × K`` (or ``chunk × L`` for one component's Hessian) and
-nothing of size ``K × p × L`` is ever built. Rows of ``X`` are cast to the dtype of
-``beta`` one chunk at a time, so a half-precision embedding is never copied whole.
-Log-normalisers and likelihoods are accumulated in float64.
+Every pass walks the vocabulary (the ``p`` rows of ``X``) in chunks, casting one chunk at a time
+to the compute dtype (so a half-precision embedding is never copied whole), and nothing of size
+``K × p × L`` is ever built: the largest objects are ``(p, K)`` (logits, weights) and one chunk.
+Logits, log-normalisers and likelihoods are kept in float64.
 
-Names follow MATH.md: ``X (p, L)``, ``b (p,)``, ``beta (K, L)``, ``log_alpha (K,)``,
-``A(beta) (K,)``, ``m(beta) (K, L)``, ``C(beta) (K, L, L)``.
+Names follow MATH.md: ``X (p, L)``, ``b (p,)``, ``beta (K, L)``, ``log_alpha (K,)``, ``A(beta) (K,)``,
+``s_k = softmax(X beta_k + b)``, ``m(beta) = X^T s (K, L)``, ``C(beta) = X^T diag(s) X - m m^T (K, L, L)``.
 """
 
 from __future__ import annotations
@@ -25,126 +24,123 @@ def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None) -> int:
     """Rows per chunk so that a ``(rows, width)`` temporary stays within the budget."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return max(1, min(n_rows, CHUNK_ELEMENTS // max(1, width)))
+    return max(1, min(max(n_rows, 1), CHUNK_ELEMENTS // max(1, width)))
 
 
-def _rows(X: Tensor, bias: Tensor | None, start: int, stop: int, rows: Tensor | None, dtype: torch.dtype):
-    """Rows ``start:stop`` of ``X`` (or of ``X[rows]``) and of ``b``, cast to ``dtype``."""
-    if rows is None:
-        Xc = X[start:stop]
-        bc = None if bias is None else bias[start:stop]
-    else:
-        idx = rows[start:stop]
-        Xc = X.index_select(0, idx)
-        bc = None if bias is None else bias.index_select(0, idx)
-    Xc = Xc.to(dtype)
-    bc = None if bc is None else bc.to(dtype)
-    return Xc, bc
+def _chunks(X: Tensor, rows: Tensor | None, dtype: torch.dtype, chunk_size: int | None):
+    """Yield ``(start, stop, X_chunk)`` over the rows of ``X`` (or ``X[rows]``), cast to ``dtype``."""
+    n = X.shape[0] if rows is None else rows.numel()
+    step = chunk_rows(n, X.shape[1], chunk_size)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        Xc = X[start:stop] if rows is None else X.index_select(0, rows[start:stop])
+        yield start, stop, Xc.to(dtype)
 
 
-def design_logits(X: Tensor, beta: Tensor, bias: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
-    """``x_j . beta_k + b_j`` for the tokens ``rows`` (all ``p`` when ``None``).
+def project(X: Tensor, V: Tensor, rows: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """``X[rows] @ V^T``: ``(r, K)`` in ``V.dtype`` for ``V (K, L)`` (all ``p`` rows when ``rows`` is None).
 
-    Shapes: ``X (p, L)``, ``beta (K, L)``, ``bias (p,)``, ``rows (r,)`` -> ``(r, K)`` in ``beta.dtype``.
+    Differentiable in ``V``.
     """
-    Xc, bc = _rows(X, bias, 0, X.shape[0] if rows is None else rows.numel(), rows, beta.dtype)
-    out = Xc @ beta.T
-    if bc is not None:
-        out = out + bc[:, None]
+    parts = [Xc @ V.T for _, _, Xc in _chunks(X, rows, V.dtype, chunk_size)]
+    return torch.cat(parts) if parts else V.new_zeros(0, V.shape[0])
+
+
+def weighted_sum(X: Tensor, G: Tensor, rows: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+    """``G^T @ X[rows]``: ``(K, L)`` in ``G.dtype`` for weights ``G (r, K)``."""
+    out = torch.zeros(G.shape[1], X.shape[1], dtype=G.dtype, device=G.device)
+    for start, stop, Xc in _chunks(X, rows, G.dtype, chunk_size):
+        out.addmm_(G[start:stop].T, Xc)
     return out
+
+
+def logits(
+    X: Tensor,
+    beta: Tensor,
+    bias: Tensor | None = None,
+    rows: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``x_j . beta_k + b_j`` for tokens ``rows`` (all when None): ``(r, K)`` float64.
+
+    The products run in ``dtype`` (default ``beta.dtype``); the result is stored in float64.
+    Differentiable in ``beta``.
+    """
+    dt = dtype or beta.dtype
+    out = project(X, beta.to(dt), rows, chunk_size).to(torch.float64)
+    if bias is not None:
+        b = bias if rows is None else bias.index_select(0, rows)
+        out = out + b.to(torch.float64)[:, None]
+    return out
+
+
+def log_normalizer_from_logits(logits_all: Tensor) -> Tensor:
+    """``A_k = logsumexp_j logits_jk`` from the full ``(p, K)`` logits: ``(K,)`` float64."""
+    return torch.logsumexp(logits_all, dim=0)
+
+
+def probs_from_logits(logits_all: Tensor, A: Tensor, dtype: torch.dtype) -> Tensor:
+    """``s_jk = exp(logits_jk - A_k)``: ``(p, K)`` in ``dtype``."""
+    return torch.exp(logits_all - A).to(dtype)
+
+
+def covariance(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -> Tensor:
+    """``C_k = X^T diag(s_k) X - m_k m_k^T`` for ``s (p, K)``, ``m (K, L)``: ``(K, L, L)``. Costs ``O(p L^2 K)``."""
+    K, L = m.shape
+    C = torch.zeros(K, L, L, dtype=s.dtype, device=s.device)
+    for start, stop, Xc in _chunks(X, None, s.dtype, chunk_size):
+        for k in range(K):
+            C[k].addmm_(Xc.T, Xc * s[start:stop, k : k + 1])
+    C -= m[:, :, None] * m[:, None, :]
+    return 0.5 * (C + C.transpose(1, 2))
+
+
+def covariance_diagonal(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -> Tensor:
+    """``diag C_k = s_k^T (X o X) - m_k^2``: ``(K, L)``."""
+    out = torch.zeros_like(m)
+    for start, stop, Xc in _chunks(X, None, s.dtype, chunk_size):
+        out.addmm_(s[start:stop].T, Xc * Xc)
+    return (out - m * m).clamp_min(0)
+
+
+def covariance_matvec(X: Tensor, s: Tensor, m: Tensor, V: Tensor, chunk_size: int | None = None) -> Tensor:
+    """``C_k v_k = X^T (s_k * (X v_k)) - m_k (m_k . v_k)`` for every ``k``: ``(K, L)``.
+
+    Two products over ``X`` per call and no ``L x L`` matrix (MATH.md §3, Newton-CG).
+    """
+    out = torch.zeros_like(V)
+    for start, stop, Xc in _chunks(X, None, V.dtype, chunk_size):
+        out.addmm_((s[start:stop] * (Xc @ V.T)).T, Xc)
+    return out - m * (m * V).sum(1, keepdim=True)
 
 
 @dataclass
 class SoftmaxMoments:
-    """Moments of the component laws ``s_k = softmax(X beta_k + b)``.
-
-    ``A (K,)`` float64 log-normalisers; ``m (K, L)`` means ``X^T s_k``; ``C (K, L, L)`` covariances
-    ``X^T diag(s_k) X - m_k m_k^T``. ``m`` and ``C`` are ``None`` when not asked for.
-    """
+    """``A (K,)`` float64 log-normalisers, ``m (K, L)`` means and (``order=2``) ``C (K, L, L)``."""
 
     A: Tensor
     m: Tensor | None = None
     C: Tensor | None = None
 
-    def select(self, mask: Tensor) -> SoftmaxMoments:
-        """The moments of the components where ``mask (K,)`` is true."""
-        return SoftmaxMoments(
-            self.A[mask],
-            None if self.m is None else self.m[mask],
-            None if self.C is None else self.C[mask],
-        )
-
-    def update(self, mask: Tensor, other: SoftmaxMoments) -> SoftmaxMoments:
-        """A copy with the components where ``mask`` is true replaced by ``other``'s."""
-        A = self.A.clone()
-        A[mask] = other.A
-        m = C = None
-        if self.m is not None and other.m is not None:
-            m = self.m.clone()
-            m[mask] = other.m
-        if self.C is not None and other.C is not None:
-            C = self.C.clone()
-            C[mask] = other.C
-        return SoftmaxMoments(A, m, C)
-
 
 def softmax_moments(
     X: Tensor, beta: Tensor, bias: Tensor | None = None, order: int = 0, chunk_size: int | None = None
 ) -> SoftmaxMoments:
-    """Log-normalisers ``A`` and, for ``order >= 1`` / ``2``, the means ``m`` and covariances ``C``.
-
-    One pass over ``X`` with an online (streaming) softmax: running maxima rescale the running
-    sums, so no second pass is needed. ``X (p, L)``, ``beta (K, L)`` -> :class:`SoftmaxMoments`.
-    Costs ``O(p L K)`` for ``order <= 1`` and ``O(p L^2 K)`` for ``order == 2``.
-    """
-    p, L = X.shape
-    K = beta.shape[0]
-    dev, dt = beta.device, beta.dtype
-    step = chunk_rows(p, max(K, L), chunk_size)
-    mx = torch.full((K,), -torch.inf, dtype=torch.float64, device=dev)
-    tot = torch.zeros(K, dtype=torch.float64, device=dev)
-    S1 = torch.zeros(K, L, dtype=dt, device=dev) if order >= 1 else None
-    S2 = torch.zeros(K, L, L, dtype=dt, device=dev) if order >= 2 else None
-    for start in range(0, p, step):
-        Xc, bc = _rows(X, bias, start, min(p, start + step), None, dt)
-        logits = Xc @ beta.T
-        if bc is not None:
-            logits = logits + bc[:, None]
-        lg = logits.to(torch.float64)
-        new_mx = torch.maximum(mx, lg.amax(dim=0))
-        scale = torch.exp(mx - new_mx)  # exp(-inf) = 0 on the first chunk
-        w = torch.exp(lg - new_mx)  # (c, K) float64
-        tot = tot * scale + w.sum(dim=0)
-        mx = new_mx
-        if order >= 1:
-            wd = w.to(dt)
-            S1.mul_(scale.to(dt)[:, None]).add_(wd.T @ Xc)
-            if order >= 2:
-                S2.mul_(scale.to(dt)[:, None, None])
-                for k in range(K):
-                    S2[k].addmm_(Xc.T, Xc * wd[:, k : k + 1])
-    A = mx + torch.log(tot)
+    """The moments of the component laws ``s_k = softmax(X beta_k + b)`` up to ``order`` (0, 1 or 2)."""
+    lg = logits(X, beta, bias, chunk_size=chunk_size)
+    A = log_normalizer_from_logits(lg)
     if order == 0:
         return SoftmaxMoments(A)
-    inv = (1.0 / tot).to(dt)
-    m = S1 * inv[:, None]
-    C = None
-    if order >= 2:
-        C = S2 * inv[:, None, None] - m[:, :, None] * m[:, None, :]
-        C = 0.5 * (C + C.transpose(1, 2))
+    s = probs_from_logits(lg, A, beta.dtype)
+    m = weighted_sum(X, s, chunk_size=chunk_size)
+    C = covariance(X, s, m, chunk_size) if order >= 2 else None
     return SoftmaxMoments(A, m, C)
 
 
 def log_normalizer(X: Tensor, beta: Tensor, bias: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """``A(beta_k) = logsumexp_j (x_j . beta_k + b_j)``: ``(K,)`` float64."""
     return softmax_moments(X, beta, bias, order=0, chunk_size=chunk_size).A
-
-
-def component_log_probs(
-    X: Tensor, beta: Tensor, A: Tensor, bias: Tensor | None = None, rows: Tensor | None = None
-) -> Tensor:
-    """``log s_k(j) = x_j . beta_k + b_j - A(beta_k)`` at tokens ``rows``: ``(r, K)`` in ``beta.dtype``."""
-    return design_logits(X, beta, bias, rows) - A.to(beta.dtype)
 
 
 @dataclass
@@ -160,6 +156,29 @@ class EStepStats:
     S1: Tensor
 
 
+def e_step_from_logits(
+    X: Tensor,
+    logits_support: Tensor,
+    log_alpha: Tensor,
+    A: Tensor,
+    support: Tensor,
+    n: Tensor,
+    dtype: torch.dtype,
+    chunk_size: int | None = None,
+) -> EStepStats:
+    """The E-step on the support ``S`` of the counts, reduced to sufficient statistics.
+
+    ``log gamma_jk = log_alpha_k + x_j . beta_k + b_j - A(beta_k) - log pi_j`` for ``j`` in
+    ``support (S,)`` with counts ``n (S,)``, from the support's logits ``(S, K)`` float64.
+    ``S1`` is formed in ``dtype`` with one product over the support's rows.
+    """
+    joint = logits_support + (log_alpha.to(torch.float64) - A.to(torch.float64))  # log alpha_k s_k(j)
+    log_pi = torch.logsumexp(joint, dim=1)
+    ngamma = n[:, None] * torch.exp(joint - log_pi[:, None])  # (S, K)
+    S1 = weighted_sum(X, ngamma.to(dtype), rows=support, chunk_size=chunk_size)
+    return EStepStats((n * log_pi).sum(), ngamma.sum(0), S1)
+
+
 def e_step(
     X: Tensor,
     beta: Tensor,
@@ -170,43 +189,17 @@ def e_step(
     bias: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> EStepStats:
-    """The E-step on the support ``S`` of the counts, reduced to sufficient statistics.
-
-    ``log gamma_jk = log_alpha_k + x_j . beta_k + b_j - A(beta_k) - log pi_j`` for ``j`` in ``support (S,)``
-    with counts ``n (S,)`` float64. The ``(S, K)`` responsibilities are formed one chunk at a time.
-    """
-    K, L = beta.shape
-    dt = beta.dtype
-    step = chunk_rows(support.numel(), max(K, L), chunk_size)
-    loglik = torch.zeros((), dtype=torch.float64, device=beta.device)
-    W = torch.zeros(K, dtype=torch.float64, device=beta.device)
-    S1 = torch.zeros(K, L, dtype=dt, device=beta.device)
-    la = log_alpha.to(torch.float64)
-    Ad = A.to(torch.float64)
-    for start in range(0, support.numel(), step):
-        stop = min(support.numel(), start + step)
-        Xc, bc = _rows(X, bias, start, stop, support, dt)
-        logits = Xc @ beta.T
-        if bc is not None:
-            logits = logits + bc[:, None]
-        joint = logits.to(torch.float64) + (la - Ad)  # (c, K): log alpha_k s_k(j)
-        log_pi = torch.logsumexp(joint, dim=1)  # (c,)
-        nc = n[start:stop]
-        loglik = loglik + (nc * log_pi).sum()
-        ngamma = nc[:, None] * torch.exp(joint - log_pi[:, None])  # (c, K)
-        W = W + ngamma.sum(dim=0)
-        S1 = S1 + ngamma.to(dt).T @ Xc
-    return EStepStats(loglik, W, S1)
+    """:func:`e_step_from_logits` with the support's logits computed from ``beta (K, L)``."""
+    lg = logits(X, beta, bias, rows=support, chunk_size=chunk_size)
+    return e_step_from_logits(X, lg, log_alpha, A, support, n, beta.dtype, chunk_size)
 
 
 def column_variance(X: Tensor, chunk_size: int | None = None) -> Tensor:
     """Per-column variance of the rows of ``X (p, L)``: ``(L,)`` float64, in one chunked pass."""
     p, L = X.shape
-    step = chunk_rows(p, L, chunk_size)
     s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
     s2 = torch.zeros(L, dtype=torch.float64, device=X.device)
-    for start in range(0, p, step):
-        Xc = X[start : start + step].to(torch.float64)
+    for _, _, Xc in _chunks(X, None, torch.float64, chunk_size):
         s1 += Xc.sum(0)
         s2 += (Xc * Xc).sum(0)
     mean = s1 / p

@@ -219,42 +219,86 @@ def _validate_subspace(moments: LatentMoments, K: int) -> str:
     return ""
 
 
-def _univariate_route(Y: Tensor, w: Tensor, K: int, N: float, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Combine univariate estimates along ``e_1`` (anchor) and ``(e_1 +- e_j)/sqrt 2`` into ``K`` atoms."""
-    Q, _ = torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=torch.float64))
-    Q = Q.to(Y)
-    Yq = Y @ Q  # coordinates in a random orthonormal basis (avoids ties along one axis)
+def _combine_directions(Y: Tensor, w: Tensor, K: int, N: float, Q: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Combine univariate estimates along ``q_1`` (anchor) and ``(q_1 +- q_j)/sqrt 2`` into ``K`` atoms.
+
+    ``Q (K, K)`` is an orthonormal basis; the ``j``-th coordinates of the atoms are the atoms along
+    ``q_j``, matched to the anchor's by the permutation whose sums and differences best agree (1-D
+    ``W1``) with the estimates along ``(q_1 +- q_j)/sqrt 2``, and whose weights agree.
+    """
+    Yq = Y @ Q
     a1, w1, _ = univariate_mixture(Yq[:, 0], w, K, N)
     coords = np.zeros((K, K))
     coords[:, 0] = a1
     weights = [w1]
-    perms = np.array(list(itertools.permutations(range(K)))) if K <= 7 else None
+    perms = np.array(list(itertools.permutations(range(K)))) if K <= 6 else None
+    spread = np.ptp(a1) + 1e-12
     for j in range(1, K):
         aj, wj, _ = univariate_mixture(Yq[:, j], w, K, N)
         ap, wp, _ = univariate_mixture((Yq[:, 0] + Yq[:, j]) / math.sqrt(2), w, K, N)
         am, wm, _ = univariate_mixture((Yq[:, 0] - Yq[:, j]) / math.sqrt(2), w, K, N)
-        if perms is None:  # large K: greedy matching on the + direction
-            cost = np.abs(((a1[:, None] + aj[None, :]) / math.sqrt(2))[:, :, None] - ap[None, None, :]).min(2)
-            from scipy.optimize import linear_sum_assignment
 
-            _, best = linear_sum_assignment(cost)
-        else:
-            best, best_cost = None, np.inf
-            for sigma in perms:
-                c = aj[sigma]
-                wc = 0.5 * (w1 + wj[sigma])
-                cost = (
-                    wasserstein_1d((a1 + c) / math.sqrt(2), wc, ap, wp)
-                    + wasserstein_1d((a1 - c) / math.sqrt(2), wc, am, wm)
-                    + np.abs(w1 - wj[sigma]).sum() * (np.ptp(a1) + 1e-12)
-                )
-                if cost < best_cost:
-                    best, best_cost = sigma, cost
+        def cost(sigma: np.ndarray) -> float:
+            c, wc = aj[sigma], 0.5 * (w1 + wj[sigma])
+            return (
+                wasserstein_1d((a1 + c) / math.sqrt(2), wc, ap, wp)
+                + wasserstein_1d((a1 - c) / math.sqrt(2), wc, am, wm)
+                + spread * np.abs(w1 - wj[sigma]).sum()
+            )
+
+        if perms is not None:
+            best = min(perms, key=cost)
+        else:  # large K: pairwise swaps from the weight-sorted matching (local search)
+            best = np.argsort(wj)[np.argsort(np.argsort(w1))]
+            improved = True
+            while improved:
+                improved = False
+                for i1, i2 in itertools.combinations(range(K), 2):
+                    trial = best.copy()
+                    trial[[i1, i2]] = trial[[i2, i1]]
+                    if cost(trial) < cost(best) - 1e-15:
+                        best, improved = trial, True
         coords[:, j] = aj[best]
         weights.append(wj[best])
     alpha = np.mean(weights, axis=0)
-    atoms = coords @ Q.cpu().numpy().T  # back to the U coordinates
-    return atoms, alpha / alpha.sum()
+    return coords @ Q.cpu().numpy().T, alpha / alpha.sum()
+
+
+def moment_misfit(Y: Tensor, w: Tensor, atoms: np.ndarray, alpha: np.ndarray, N: float, V: Tensor) -> float:
+    """How far the candidate's projected moments ``sum_k alpha_k (v . b_k)^r`` are from the data's
+    Hermite moments ``m_r(v)`` along the unit directions ``V (D, K)``, for ``r = 1..2K-1``, in
+    standard errors (a chi-square)."""
+    K = atoms.shape[0]
+    order = 2 * K - 1
+    proj = atoms @ V.cpu().numpy().T  # (K, D)
+    r = np.arange(1, order + 1)
+    total = 0.0
+    for d in range(V.shape[0]):
+        m, var = hermite_moments(Y @ V[d], w, order)
+        model = (proj[:, d][None, :] ** r[:, None]) @ alpha
+        sd = np.sqrt(var.cpu().numpy()[1:] / max(N, 1.0)) + 1e-12
+        total += float(np.sum(((model - m.cpu().numpy()[1:]) / sd) ** 2))
+    return total
+
+
+def _univariate_route(
+    Y: Tensor, w: Tensor, K: int, N: float, gen: torch.Generator, n_bases: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's route: univariate mixing measures along directions, combined into atoms.
+
+    Candidates from ``n_bases`` random orthonormal bases; the one whose projections best match the
+    data's moments along ``2K`` fresh random directions is kept.
+    """
+    V = torch.randn(2 * K, K, generator=gen, dtype=torch.float64).to(Y)
+    V = V / V.norm(dim=1, keepdim=True)
+    best, best_fit = None, np.inf
+    for _ in range(n_bases):
+        Q, _ = torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=torch.float64))
+        atoms, alpha = _combine_directions(Y, w, K, N, Q.to(Y))
+        fit = moment_misfit(Y, w, atoms, alpha, N, V)
+        if fit < best_fit:
+            best, best_fit = (atoms, alpha), fit
+    return best
 
 
 def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,16 @@ For each component ``k``, with ``W_k = sum_j n_j gamma_jk`` and ``S1_k = sum_j n
     gradient  g = S1_k - W_k m(beta) - lam beta
     Hessian   H = -W_k C(beta) - lam I
 
-by Newton steps with a backtracking (Armijo) line search, all components at once: one pass
-over ``X`` per trial point. Each accepted step raises ``f_k``, so EM never decreases the
-penalised log-likelihood.
+by damped Newton steps, all components at once. The Newton direction solves ``-H d = g`` exactly
+(``"newton"``: ``K`` Hessians of size ``L x L``, ``O(p L^2 K)``) or by preconditioned conjugate
+gradients on Hessian-vector products (``"newton-cg"``: two passes over ``X`` per iteration, no
+``L x L`` matrix). The line search works on cached logits: with ``XD = X d^T`` computed once,
+
+    A(beta + t d) - A(beta) = log sum_j s_j exp(t x_j . d)
+
+costs ``O(p K)`` per trial and is accurate to rounding *relative to the change*, so the Armijo test
+resolves tiny gains even when ``X`` is float32. Each accepted step raises ``f_k``; EM never
+decreases the penalised log-likelihood.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .kernels import SoftmaxMoments, softmax_moments
+from . import kernels
 
 #: Armijo constant of the sufficient-increase test.
 ARMIJO = 1e-4
 #: Halvings of the step before a component keeps its current atom for this M-step.
-MAX_BACKTRACKS = 30
+MAX_BACKTRACKS = 40
+M_STEPS = ("newton", "newton-cg", "auto")
+#: ``m_step="auto"`` uses full Newton up to this hidden size, Newton-CG above it.
+AUTO_NEWTON_MAX_L = 64
 
 
 def m_objective(beta: Tensor, A: Tensor, W: Tensor, S1: Tensor, lam: float) -> Tensor:
@@ -36,18 +46,41 @@ def m_objective(beta: Tensor, A: Tensor, W: Tensor, S1: Tensor, lam: float) -> T
 
 
 def m_gradient(beta: Tensor, m: Tensor, W: Tensor, S1: Tensor, lam: float) -> Tensor:
-    """``g_k = S1_k - W_k m(beta_k) - lam beta_k``: ``(K, L)``."""
-    return S1 - W.to(beta.dtype)[:, None] * m - lam * beta
+    """``g_k = S1_k - W_k m(beta_k) - lam beta_k``: ``(K, L)`` float64."""
+    b = beta.to(torch.float64)
+    return S1.to(torch.float64) - W[:, None] * m.to(torch.float64) - lam * b
 
 
 def m_hessian(C: Tensor, W: Tensor, lam: float) -> Tensor:
-    """``H_k = -W_k C(beta_k) - lam I``: ``(K, L, L)``."""
+    """``H_k = -W_k C(beta_k) - lam I``: ``(K, L, L)`` float64."""
+    C = C.to(torch.float64)
     eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
-    return -W.to(C.dtype)[:, None, None] * C - lam * eye
+    return -W[:, None, None] * C - lam * eye
 
 
-def _newton_direction(g: Tensor, H: Tensor) -> Tensor:
-    """Solve ``(-H) d = g`` per component; a singular ``-H`` (lam = 0) gets a small jitter."""
+@dataclass
+class AtomState:
+    """Atoms with their full logits cached: ``beta (K, L)``, ``logits (p, K)``, ``A (K,)``, all float64.
+
+    ``logits = X beta^T + b`` (computed in the compute dtype, kept in float64) and
+    ``A = logsumexp_j logits``. The fit updates the three together, so they stay consistent.
+    """
+
+    beta: Tensor
+    logits: Tensor
+    A: Tensor
+
+    @classmethod
+    def from_beta(
+        cls, X: Tensor, beta: Tensor, bias: Tensor | None, dtype: torch.dtype, chunk_size: int | None = None
+    ) -> AtomState:
+        beta = beta.to(device=X.device, dtype=dtype).to(torch.float64)  # representable in the compute dtype
+        lg = kernels.logits(X, beta, bias, dtype=dtype, chunk_size=chunk_size)
+        return cls(beta, lg, kernels.log_normalizer_from_logits(lg))
+
+
+def newton_direction(g: Tensor, H: Tensor) -> Tensor:
+    """Solve ``(-H) d = g`` per component (float64); a singular ``-H`` (lam = 0) gets a small jitter."""
     P = -H
     scale = torch.diagonal(P, dim1=1, dim2=2).abs().amax(dim=1).clamp_min(torch.finfo(P.dtype).tiny)
     jitter = torch.zeros_like(scale)
@@ -58,72 +91,142 @@ def _newton_direction(g: Tensor, H: Tensor) -> Tensor:
             return torch.cholesky_solve(g[:, :, None], chol)[:, :, 0]
         bad = info > 0
         jitter = torch.where(bad, torch.where(jitter > 0, jitter * 100, scale * 1e-10), jitter)
-    # Give up on curvature: a gradient step, scaled, still ascends.
-    return g / scale[:, None]
+    return g / scale[:, None]  # curvature unusable: a scaled gradient step still ascends
+
+
+def cg_direction(
+    X: Tensor,
+    s: Tensor,
+    m: Tensor,
+    W: Tensor,
+    lam: float,
+    g: Tensor,
+    max_iter: int = 30,
+    rtol: float = 1e-3,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, int]:
+    """Solve ``(W_k C_k + lam I) d_k = g_k`` for all ``k`` by Jacobi-preconditioned conjugate gradients.
+
+    ``s (p, K)`` and ``m (K, L)`` are the component laws and means at the current atoms. Each CG
+    iteration is one :func:`~torch_softmix.kernels.covariance_matvec` (two products over ``X``).
+    Returns the direction ``(K, L)`` float64 and the number of CG iterations run.
+    """
+    dt = s.dtype
+    Wd = W.to(torch.float64)
+    diag = Wd[:, None] * kernels.covariance_diagonal(X, s, m.to(dt), chunk_size).to(torch.float64) + lam
+    Minv = 1.0 / diag.clamp_min(torch.finfo(torch.float64).tiny)
+    m_dt = m.to(dt)
+
+    def apply(V: Tensor) -> Tensor:
+        CV = kernels.covariance_matvec(X, s, m_dt, V.to(dt), chunk_size).to(torch.float64)
+        return Wd[:, None] * CV + lam * V
+
+    x = torch.zeros_like(g)
+    r = g.clone()
+    z = Minv * r
+    pdir = z.clone()
+    rz = (r * z).sum(1)
+    target = rtol * g.norm(dim=1)
+    active = g.norm(dim=1) > 0
+    it = 0
+    for it in range(1, max_iter + 1):
+        Ap = apply(pdir)
+        pAp = (pdir * Ap).sum(1)
+        ok = active & (pAp > 0)
+        a = torch.where(ok, rz / torch.where(ok, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
+        x += a[:, None] * pdir
+        r -= a[:, None] * Ap
+        active = ok & (r.norm(dim=1) > target)
+        if not bool(active.any()):
+            break
+        z = Minv * r
+        rz_new = (r * z).sum(1)
+        pdir = z + torch.where(active, rz_new / rz.clamp_min(torch.finfo(torch.float64).tiny), 0.0)[:, None] * pdir
+        rz = rz_new
+    return x, it
 
 
 @dataclass
 class MStepInfo:
-    """What one M-step did: per-component accepted step sizes and passes over ``X``."""
+    """What one M-step did: accepted step sizes per component, Newton steps, CG iterations, passes over ``X``."""
 
     step_sizes: list[float] = field(default_factory=list)
     newton_steps: int = 0
+    cg_iters: int = 0
     passes: int = 0
 
 
 def newton_m_step(
     X: Tensor,
-    beta: Tensor,
+    state: AtomState,
     W: Tensor,
     S1: Tensor,
     lam: float,
-    moments: SoftmaxMoments,
-    bias: Tensor | None = None,
+    *,
+    dtype: torch.dtype,
+    method: str = "newton",
     max_steps: int = 1,
     tol: float = 0.0,
+    cg_max_iter: int = 30,
+    cg_rtol: float = 1e-3,
     chunk_size: int | None = None,
-) -> tuple[Tensor, SoftmaxMoments, MStepInfo]:
-    """Up to ``max_steps`` damped Newton steps on every ``f_k`` from ``beta (K, L)``.
+) -> tuple[AtomState, MStepInfo]:
+    """Up to ``max_steps`` damped Newton steps on every ``f_k``.
 
     Args:
-        moments: ``A``, ``m`` and ``C`` at ``beta`` (``order=2``), e.g. from the last M-step.
-        tol: stop a component once the predicted increase ``g . d / 2`` is below ``tol``
-            (in the units of ``f``; the fitter passes ``tol_per_token × N``).
+        state: atoms and cached logits (:class:`AtomState`); a new state is returned.
+        W: ``(K,)`` float64; S1: ``(K, L)``; lam: ridge (``>= 0``).
+        dtype: dtype of the products over ``X``.
+        method: ``"newton"`` or ``"newton-cg"`` (``"auto"`` is resolved by the caller).
+        tol: skip a component once its predicted gain ``g . d / 2`` is below ``tol`` (units of ``f``).
 
-    Returns:
-        The new atoms, their moments (``order=2``, ready for the next E- and M-step) and an
-        :class:`MStepInfo`. Components whose objective cannot be raised keep their atom.
+    Components whose objective cannot be raised keep their atom (step size 0).
     """
     info = MStepInfo()
-    beta = beta.clone()
-    K = beta.shape[0]
+    K = state.beta.shape[0]
+    W = W.to(torch.float64)
+    S1 = S1.to(torch.float64)
+    beta, lg, A = state.beta, state.logits, state.A
     for _ in range(max_steps):
-        f0 = m_objective(beta, moments.A, W, S1, lam)
-        g = m_gradient(beta, moments.m, W, S1, lam)
-        d = _newton_direction(g, m_hessian(moments.C, W, lam))
-        slope = (g.to(torch.float64) * d.to(torch.float64)).sum(1)  # g . d > 0 for an ascent direction
+        s = kernels.probs_from_logits(lg, A, dtype)
+        m = kernels.weighted_sum(X, s, chunk_size=chunk_size)
+        info.passes += 1
+        g = m_gradient(beta, m, W, S1, lam)
+        if method == "newton":
+            C = kernels.covariance(X, s, m, chunk_size)
+            info.passes += 1
+            d = newton_direction(g, m_hessian(C, W, lam))
+        else:
+            d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size)
+            info.cg_iters += n_cg
+            info.passes += 1 + 2 * n_cg
+        d = d.to(dtype).to(torch.float64)  # the step the products see, exactly
+        slope = (g * d).sum(1)  # > 0 for an ascent direction
         active = (slope > 2 * tol) & (slope > 0) & torch.isfinite(slope)
         if not bool(active.any()):
             break
         info.newton_steps += 1
+        XD = kernels.project(X, d.to(dtype), chunk_size=chunk_size).to(torch.float64)  # (p, K)
+        info.passes += 1
+        log_s = lg - A
+        Sd, bd, dd = (S1 * d).sum(1), (beta * d).sum(1), (d * d).sum(1)
         t = torch.ones(K, dtype=torch.float64, device=beta.device)
         todo = active.clone()
+        accepted = torch.zeros(K, dtype=torch.bool, device=beta.device)
+        dA = torch.zeros(K, dtype=torch.float64, device=beta.device)
         for _ in range(MAX_BACKTRACKS + 1):
-            trial = beta[todo] + t[todo].to(beta.dtype)[:, None] * d[todo]
-            mom = softmax_moments(X, trial, bias, order=2, chunk_size=chunk_size)
-            info.passes += 1
-            f_t = m_objective(trial, mom.A, W[todo], S1[todo], lam)
-            ok = f_t >= f0[todo] + ARMIJO * t[todo] * slope[todo]
-            if bool(ok.any()):
-                idx = torch.nonzero(todo).flatten()[ok]
-                sel = torch.zeros(K, dtype=torch.bool, device=beta.device)
-                sel[idx] = True
-                beta[sel] = trial[ok]
-                moments = moments.update(sel, mom.select(ok))
-                todo[idx] = False
+            dA_t = torch.logsumexp(log_s + t * XD, dim=0)
+            gain = t * Sd - W * dA_t - lam * (t * bd + 0.5 * t * t * dd)
+            ok = todo & (gain >= ARMIJO * t * slope)
+            accepted |= ok
+            dA = torch.where(ok, dA_t, dA)
+            todo &= ~ok
             if not bool(todo.any()):
                 break
-            t = torch.where(todo, t * 0.5, t)
-        t = torch.where(todo, torch.zeros_like(t), t)  # never accepted: atom kept
-        info.step_sizes = [float(v) if bool(a) else 0.0 for v, a in zip(t, active)]
-    return beta, moments, info
+            t = torch.where(todo, 0.5 * t, t)
+        t = torch.where(accepted, t, torch.zeros_like(t))
+        beta = beta + t[:, None] * d
+        lg = lg + t * XD
+        A = A + dA
+        info.step_sizes = t.tolist()
+    return AtomState(beta, lg, A), info

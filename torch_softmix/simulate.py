@@ -110,12 +110,12 @@ def weight_error(alpha_hat: Tensor, alpha: Tensor, perm: Tensor) -> float:
 
 def tv_distance(log_p: Tensor, log_q: Tensor) -> float:
     """Total variation ``(1/2) sum |p - q|`` between two log laws ``(p,)``."""
-    return 0.5 * float((log_p.double().exp() - log_q.double().exp()).abs().sum())
+    return 0.5 * float((log_p.detach().double().exp() - log_q.detach().double().exp()).abs().sum())
 
 
 def kl_divergence(log_p: Tensor, log_q: Tensor) -> float:
     """``KL(p || q) = sum p (log p - log q)`` between two log laws ``(p,)``."""
-    lp, lq = log_p.double(), log_q.double()
+    lp, lq = log_p.detach().double(), log_q.detach().double()
     p = lp.exp()
     terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
     return float(terms.sum())
