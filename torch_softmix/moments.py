@@ -238,7 +238,7 @@ def _combine_directions(Y: Tensor, w: Tensor, K: int, N: float, Q: Tensor) -> tu
         ap, wp, _ = univariate_mixture((Yq[:, 0] + Yq[:, j]) / math.sqrt(2), w, K, N)
         am, wm, _ = univariate_mixture((Yq[:, 0] - Yq[:, j]) / math.sqrt(2), w, K, N)
 
-        def cost(sigma: np.ndarray) -> float:
+        def cost(sigma: np.ndarray, aj=aj, wj=wj, ap=ap, wp=wp, am=am, wm=wm) -> float:
             c, wc = aj[sigma], 0.5 * (w1 + wj[sigma])
             return (
                 wasserstein_1d((a1 + c) / math.sqrt(2), wc, ap, wp)

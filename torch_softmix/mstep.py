@@ -101,7 +101,7 @@ def cg_direction(
     W: Tensor,
     lam: float,
     g: Tensor,
-    max_iter: int = 30,
+    max_iter: int = 10,
     rtol: float = 1e-3,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, int]:
@@ -128,8 +128,9 @@ def cg_direction(
     rz = (r * z).sum(1)
     target = rtol * g.norm(dim=1)
     active = g.norm(dim=1) > 0
-    it = 0
-    for it in range(1, max_iter + 1):
+    n_iter = 0
+    while n_iter < max_iter:
+        n_iter += 1
         Ap = apply(pdir)
         pAp = (pdir * Ap).sum(1)
         ok = active & (pAp > 0)
@@ -143,7 +144,7 @@ def cg_direction(
         rz_new = (r * z).sum(1)
         pdir = z + torch.where(active, rz_new / rz.clamp_min(torch.finfo(torch.float64).tiny), 0.0)[:, None] * pdir
         rz = rz_new
-    return x, it
+    return x, n_iter
 
 
 @dataclass
@@ -167,7 +168,7 @@ def newton_m_step(
     method: str = "newton",
     max_steps: int = 1,
     tol: float = 0.0,
-    cg_max_iter: int = 30,
+    cg_max_iter: int = 10,
     cg_rtol: float = 1e-3,
     chunk_size: int | None = None,
 ) -> tuple[AtomState, MStepInfo]:
