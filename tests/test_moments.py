@@ -50,13 +50,17 @@ def test_latent_moments_converge_as_n_grows():
     m3_true = float(truth["alpha"] @ (gamma @ v) ** 3)
 
     def summary(lm):
-        return np.array([*lm.M1.tolist(), *lm.M2.flatten().tolist(), float(hermite_moments(lm.Z @ v, lm.pihat, 3)[0][3])])
+        return np.array(
+            [*lm.M1.tolist(), *lm.M2.flatten().tolist(), float(hermite_moments(lm.Z @ v, lm.pihat, 3)[0][3])]
+        )
 
     exact = summary(latent_moments(X, TokenCounts.from_dense(head.log_probs().detach().exp()), w))
     errors = []
     for N in (10**3, 10**4, 10**5, 10**6):
         errs = [
-            np.abs(summary(latent_moments(X, TokenCounts.from_dense(sim.sample_counts(head, N, seed=s)), w)) - exact).max()
+            np.abs(
+                summary(latent_moments(X, TokenCounts.from_dense(sim.sample_counts(head, N, seed=s)), w)) - exact
+            ).max()
             for s in range(4)
         ]
         errors.append(np.mean(errs))

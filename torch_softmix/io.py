@@ -116,3 +116,40 @@ def read_head_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
         if name not in tensors:
             raise ValueError(f"{str(path)!r} lacks the tensor {name!r}; the file is incomplete")
     return tensors, meta
+
+
+SHARD_FORMAT = "torch_softmix.shard"
+SHARD_VERSION = 1
+
+
+def write_shard(path: str | os.PathLike, tokens: Tensor, metadata: dict[str, object]) -> None:
+    """Atomically write a token shard: tensor ``tokens (n,)`` (int32 when the ids fit, else int64) and metadata."""
+    tokens = tokens.detach().reshape(-1).to("cpu")
+    dtype = torch.int32 if tokens.numel() == 0 or int(tokens.max()) < 2**31 - 1 else torch.int64
+    meta = {"format": SHARD_FORMAT, "format_version": str(SHARD_VERSION), "n_tokens": str(tokens.numel())}
+    for key, value in metadata.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    atomic_write_bytes(path, _st_save({"tokens": tokens.to(dtype).contiguous()}, metadata=meta))
+
+
+def read_shard(path: str | os.PathLike, expect_fingerprint: str | None = None) -> tuple[Tensor, dict[str, str]]:
+    """Read a token shard; with ``expect_fingerprint``, refuse a shard sampled from another model."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tokens = fh.get_tensor("tokens") if "tokens" in fh.keys() else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable token shard (truncated or corrupt?): {err}") from err
+    if meta.get("format") != SHARD_FORMAT or tokens is None:
+        raise ValueError(f"{str(path)!r} is not a torch_softmix token shard (format={meta.get('format')!r})")
+    if int(meta.get("format_version", "0")) > SHARD_VERSION:
+        raise ValueError(f"{str(path)!r} uses shard format version {meta['format_version']}; upgrade torch_softmix")
+    if int(meta.get("n_tokens", tokens.numel())) != tokens.numel():
+        raise ValueError(f"{str(path)!r} holds {tokens.numel()} tokens but its metadata says {meta['n_tokens']}")
+    if expect_fingerprint is not None and meta.get("embedding_fingerprint") != expect_fingerprint:
+        raise ValueError(
+            f"{str(path)!r} was sampled from another model (embedding fingerprint {meta.get('embedding_fingerprint')} "
+            f"!= {expect_fingerprint}); fit it with the model that produced it"
+        )
+    return tokens.long(), meta

@@ -194,8 +194,8 @@ def e_step(
     return e_step_from_logits(X, lg, log_alpha, A, support, n, beta.dtype, chunk_size)
 
 
-def column_variance(X: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Per-column variance of the rows of ``X (p, L)``: ``(L,)`` float64, in one chunked pass."""
+def column_moments(X: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-column mean and variance of the rows of ``X (p, L)``: two ``(L,)`` float64, one chunked pass."""
     p, L = X.shape
     s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
     s2 = torch.zeros(L, dtype=torch.float64, device=X.device)
@@ -203,4 +203,14 @@ def column_variance(X: Tensor, chunk_size: int | None = None) -> Tensor:
         s1 += Xc.sum(0)
         s2 += (Xc * Xc).sum(0)
     mean = s1 / p
-    return (s2 / p - mean * mean).clamp_min(0)
+    return mean, (s2 / p - mean * mean).clamp_min(0)
+
+
+def column_mean(X: Tensor, chunk_size: int | None = None) -> Tensor:
+    """The mean row of ``X``: ``(L,)`` float64."""
+    return column_moments(X, chunk_size)[0]
+
+
+def column_variance(X: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Per-column variance of the rows of ``X``: ``(L,)`` float64."""
+    return column_moments(X, chunk_size)[1]

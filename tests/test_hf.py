@@ -1,0 +1,164 @@
+"""Hugging Face integration on tiny random models built from configs and loaded with from_pretrained."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+transformers = pytest.importorskip("transformers")
+
+from torch_softmix import (  # noqa: E402
+    EMFitter,
+    SoftmaxMixtureHead,
+    hf,  # noqa: E402
+)
+from torch_softmix import simulate as sim  # noqa: E402
+
+PROMPTS = ["hello world", "the cat sat on", "1 2 3 4"]
+
+
+def _char_tokenizer(folder):
+    """A small word-level tokenizer built offline (no Hub download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[EOS]": 1}
+    for word in "hello world the cat sat on 1 2 3 4 a b c".split():
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[EOS]"
+    )
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny_model(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    if request.param == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            eos_token_id=1,
+            pad_token_id=1,
+            bos_token_id=0,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.GPT2Config(
+            vocab_size=300,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            eos_token_id=1,
+            pad_token_id=1,
+            bos_token_id=0,
+        )
+        model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # make the next-token laws less flat than at initialisation
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(folder)
+    _char_tokenizer(folder)
+    return hf.load_model(str(folder))
+
+
+def test_design_shares_storage_and_reproduces_logits(tiny_model):
+    model, tok = tiny_model
+    design = hf.output_design(model)
+    assert design.X.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    atoms = hf.true_atoms(model, tok, PROMPTS)
+    expected = hf.next_token_log_probs(model, tok, PROMPTS)
+    got = torch.log_softmax(atoms.double() @ design.X.double().T, dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_next_token_sampling_matches_model_probabilities(tiny_model, tmp_path):
+    model, tok = tiny_model
+    sample = hf.sample_next_tokens(model, tok, PROMPTS[:1], 50_000, seed=0, out_dir=tmp_path, shard_size=20_000)
+    assert len(sample.shards) == 3 and sample.counts.total == 50_000
+    probs = hf.next_token_log_probs(model, tok, PROMPTS[:1])[0].exp().numpy()
+    obs = sample.counts.dense().numpy()
+    keep = probs * 50_000 > 5  # chi-square on the cells with enough expected counts, the rest pooled
+    o = list(obs[keep]) + ([obs[~keep].sum()] if (~keep).any() else [])
+    e = list(probs[keep]) + ([probs[~keep].sum()] if (~keep).any() else [])
+    e = [x * sum(o) / sum(e) for x in e]
+    assert chisquare(o, e).pvalue > 1e-3
+    # resumable: a second run reads the shards back and gives the same counts
+    again = hf.sample_next_tokens(model, tok, PROMPTS[:1], 50_000, seed=0, out_dir=tmp_path, shard_size=20_000)
+    assert torch.equal(again.counts.dense(), sample.counts.dense())
+    design = hf.output_design(model)
+    from_disk = hf.counts_from_shards(tmp_path, design.X.shape[0], design.fingerprint)
+    assert torch.equal(from_disk.dense(), sample.counts.dense())
+
+
+def test_fit_recovers_the_true_laws(tiny_model):
+    model, tok = tiny_model
+    sample = hf.sample_next_tokens(model, tok, PROMPTS, 200_000, weights=[0.5, 0.3, 0.2], seed=1)
+    design = hf.output_design(model)
+    true_head = sample.true_head(design)
+    oracle = EMFitter(3, init=sample.truth, tol=1e-10).fit(design.X, counts=sample.counts)
+    fit = EMFitter(3, n_init=10, random_state=0, tol=1e-10).fit(design.X, counts=sample.counts)
+    ev, ev_o = sim.evaluate(fit, true_head), sim.evaluate(oracle, true_head)
+    assert ev["tv"] < 0.02 and ev["weight_error"] < 0.03
+    assert max(ev["component_kl"]) < 1.5 * max(ev_o["component_kl"]) + 1e-3
+
+
+def test_attach_detach_round_trip_with_generate(tiny_model, tmp_path):
+    model, tok = tiny_model
+    design = hf.output_design(model)
+    enc = tok("hello world", return_tensors="pt")
+    with torch.no_grad():
+        before = model(**enc).logits
+    head = SoftmaxMixtureHead(design.X, 2, design.bias, beta=torch.randn(2, design.X.shape[1]) * 0.1)
+    hf.attach_head(model, head)
+    with torch.no_grad():
+        logits = model(**enc).logits
+    torch.testing.assert_close(logits[0, -1], head.log_probs().detach())
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, max_new_tokens=5, pad_token_id=1, top_k=0)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 5 or int(out[0, -1]) == 1
+    path = tmp_path / "attached.safetensors"
+    hf.save_attached(model, path)
+    hf.detach_head(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**enc).logits, before)
+    loaded = hf.load_attached(model, path)
+    assert torch.equal(loaded.beta, head.beta) and loaded.fit_info["model"]["vocab_size"] == design.X.shape[0]
+    with pytest.raises(ValueError, match="already attached"):
+        hf.attach_head(model, loaded)
+    hf.detach_head(model)
+
+
+def test_streams_are_written_and_resumable(tiny_model, tmp_path):
+    model, tok = tiny_model
+    s = hf.sample_streams(model, tok, PROMPTS, n_sequences=6, max_new_tokens=8, batch_size=4, seed=0, out_dir=tmp_path)
+    assert len(s.shards) == 2 and 0 < s.counts.total <= 48
+    again = hf.sample_streams(
+        model, tok, PROMPTS, n_sequences=6, max_new_tokens=8, batch_size=4, seed=0, out_dir=tmp_path
+    )
+    assert torch.equal(again.counts.dense(), s.counts.dense())
+    with pytest.warns(UserWarning, match="misspecified"):
+        hf.sample_streams(model, tok, PROMPTS, n_sequences=2, max_new_tokens=2, top_k=5)
+
+
+def test_softcapping_is_refused(tiny_model):
+    model, _ = tiny_model
+    model.config.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(ValueError, match="softcapping"):
+            hf.output_design(model)
+    finally:
+        model.config.final_logit_softcapping = None
+
+
+def test_shards_from_another_model_are_refused(tiny_model, tmp_path):
+    model, tok = tiny_model
+    hf.sample_next_tokens(model, tok, PROMPTS[:1], 100, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="another model"):
+        hf.counts_from_shards(tmp_path, 300, expect_fingerprint="0" * 32)

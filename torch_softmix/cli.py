@@ -1,0 +1,351 @@
+"""The ``softmix`` command: sample -> fit -> eval -> inspect, and a demo on SmolLM2. A thin layer over the API.
+
+    softmix demo                                   # SmolLM2: K = 4 prompts, 10^6 next tokens, fit, compare
+    softmix sample --model smollm2 --prompt "The capital of France is" --prompt "Once upon a time" \\
+                   --weights 0.7 0.3 --n-tokens 100000 --out shards/
+    softmix fit --model smollm2 --shards shards/ -K 2 --out head.safetensors
+    softmix eval --model smollm2 --head head.safetensors --shards heldout/ [--truth shards/]
+    softmix inspect --model smollm2 --head head.safetensors --top 10
+
+User mistakes (missing files, bad arguments, a head of another model) end with a one-line message and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import simulate as sim
+from .em import EMFitter
+from .head import SoftmaxMixtureHead
+
+DEMO_PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a little",
+    "def fibonacci(n):\n    ",
+    "My favourite food is",
+]
+DEMO_WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported in one line, exit code 2."""
+
+
+def _model(args):
+    from . import hf
+
+    try:
+        model, tok = hf.load_model(args.model, gguf_file=getattr(args, "gguf_file", None))
+    except (OSError, ModuleNotFoundError) as err:
+        raise UserError(f"cannot load model {args.model!r}: {err}") from err
+    return model, tok, hf.output_design(model)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file {path} does not exist")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts-file (one prompt per line)")
+    return prompts
+
+
+def cmd_sample(args) -> int:
+    from . import hf
+
+    model, tok, _ = _model(args)
+    prompts = _read_prompts(args)
+    if args.mode == "next-token":
+        if args.weights is not None and len(args.weights) != len(prompts):
+            raise UserError(f"--weights has {len(args.weights)} numbers for {len(prompts)} prompts")
+        sample = hf.sample_next_tokens(
+            model,
+            tok,
+            prompts,
+            args.n_tokens,
+            weights=args.weights,
+            temperature=args.temperature,
+            seed=args.seed,
+            out_dir=args.out,
+            progress=not args.quiet,
+        )
+    else:
+        sample = hf.sample_streams(
+            model,
+            tok,
+            prompts,
+            args.n_sequences,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            out_dir=args.out,
+            progress=not args.quiet,
+        )
+    print(
+        f"{int(sample.counts.total):,} tokens ({sample.counts.n_distinct:,} distinct) in {len(sample.shards)} "
+        f"shards under {args.out}"
+    )
+    return 0
+
+
+def _counts(shards: str, design):
+    from . import hf
+
+    if not Path(shards).exists():
+        raise UserError(f"--shards {shards} does not exist")
+    return hf.counts_from_shards(shards, design.X.shape[0], design.fingerprint)
+
+
+def cmd_fit(args) -> int:
+    _, _, design = _model(args)
+    counts = _counts(args.shards, design)
+    fitter = EMFitter(
+        args.K,
+        init=args.init,
+        n_init=args.n_init,
+        max_iter=args.max_iter,
+        tol=args.tol,
+        ridge=args.ridge,
+        random_state=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    t0 = time.perf_counter()
+    head = fitter.fit(design.X, counts=counts, bias=design.bias)
+    head.fit_info["model"] = design.identity
+    head.save(args.out)
+    print(
+        f"fitted K={args.K} on {int(counts.total):,} tokens in {time.perf_counter() - t0:.1f} s: "
+        f"{fitter.n_iter_} iterations, converged={fitter.converged_}, loglik/token={fitter.lower_bound_:.6f}, "
+        f"best start={fitter.init_names_[fitter.best_init_]}; saved {args.out}"
+    )
+    return 0
+
+
+def _load_head(path: str, design) -> SoftmaxMixtureHead:
+    if not Path(path).is_file():
+        raise UserError(f"--head {path} does not exist")
+    return SoftmaxMixtureHead.load(path, design.X, design.bias)
+
+
+def cmd_eval(args) -> int:
+    _, _, design = _model(args)
+    head = _load_head(args.head, design)
+    counts = _counts(args.shards, design)
+    N = counts.total
+    ll = float(head.loglik(counts))
+    ic = sim.information_criteria(ll, head.n_components, head.hidden_size, N)
+    out = {"tokens": N, "loglik_per_token": ll / N, **ic}
+    if args.truth:
+        from . import hf
+
+        cfg = Path(args.truth) / "sampler.json"
+        if not cfg.is_file():
+            raise UserError(f"--truth {args.truth} has no sampler.json (sample it with `softmix sample`)")
+        settings = json.loads(cfg.read_text())
+        if settings.get("mode") != "next-token":
+            raise UserError("--truth needs next-token shards: free-running streams have no known truth")
+        model, tok, _ = _model(args)
+        atoms = hf.true_atoms(model, tok, settings["prompts"], settings["temperature"])
+        true_head = SoftmaxMixtureHead(
+            design.X, len(atoms), design.bias, alpha=torch.tensor(settings["weights"]), beta=atoms
+        )
+        ev = sim.evaluate(head, true_head) if true_head.n_components == head.n_components else {}
+        out["true_loglik_per_token"] = float(true_head.loglik(counts)) / N
+        out.update({k: ev[k] for k in ("tv", "kl", "weight_error", "component_kl", "cosine") if k in ev})
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    model, tok, design = _model(args)
+    head = _load_head(args.head, design)
+    with torch.no_grad():
+        comp = head.component_log_probs().exp()  # (p, K)
+        alpha = head.alpha
+    order = torch.argsort(alpha, descending=True)
+    for k in order.tolist():
+        probs, ids = comp[:, k].topk(args.top)
+        entropy = float(-(comp[:, k] * comp[:, k].clamp_min(1e-300).log()).sum())
+        words = ", ".join(f"{tok.decode([int(i)])!r} {float(p):.3f}" for p, i in zip(probs, ids))
+        print(f"component {k}: weight {float(alpha[k]):.4f}, entropy {entropy:.2f} nats: {words}")
+    return 0
+
+
+def run_demo(n_tokens: int = 10**6, n_heldout: int = 10**6, seed: int = 0, progress: bool = True) -> dict:
+    """The SmolLM2 demo: K = 4 prompts with unequal weights, next tokens sampled, fit from the default start,
+    and a comparison with the truth and with the oracle (EM from the true atoms). Returns the numbers."""
+    from . import hf
+
+    t_start = time.perf_counter()
+    model, tok = hf.load_smollm2()
+    design = hf.output_design(model)
+    t_load = time.perf_counter() - t_start
+    sample = hf.sample_next_tokens(
+        model, tok, DEMO_PROMPTS, n_tokens, weights=DEMO_WEIGHTS, seed=seed, progress=progress
+    )
+    heldout = hf.sample_next_tokens(model, tok, DEMO_PROMPTS, n_heldout, weights=DEMO_WEIGHTS, seed=seed + 1)
+    true_head = sample.true_head(design)
+    K, L = len(DEMO_PROMPTS), design.X.shape[1]
+    t0 = time.perf_counter()
+    fitter = EMFitter(K, random_state=seed, progress=progress)
+    fit = fitter.fit(design.X, counts=sample.counts)
+    t_fit = time.perf_counter() - t0
+    oracle_fitter = EMFitter(K, init=sample.truth)
+    oracle = oracle_fitter.fit(design.X, counts=sample.counts)
+    ev, ev_o = sim.evaluate(fit, true_head), sim.evaluate(oracle, true_head)
+    Nh = heldout.counts.total
+    ho = {
+        name: float(h.loglik(heldout.counts)) / Nh
+        for name, h in (("fit", fit), ("oracle", oracle), ("truth", true_head))
+    }
+    alpha = sample.truth["alpha"]
+    with torch.no_grad():
+        comp_true = true_head.component_log_probs()
+    entropy = [float(-(comp_true[:, k].exp() * comp_true[:, k]).sum()) for k in range(K)]
+    result = {
+        "prompts": DEMO_PROMPTS,
+        "weights": DEMO_WEIGHTS,
+        "n_tokens": n_tokens,
+        "n_distinct": sample.counts.n_distinct,
+        "fit": ev,
+        "oracle": ev_o,
+        "heldout_loglik": ho,
+        "entropy": entropy,
+        "efficient_kl": [L / (2 * n_tokens * float(a)) for a in alpha],
+        "alpha_fit": fit.alpha.detach()[torch.tensor(ev["perm"])].tolist(),
+        "n_iter": fitter.n_iter_,
+        "best_start": fitter.init_names_[fitter.best_init_],
+        "seconds": {"load": t_load, "fit": t_fit, "total": time.perf_counter() - t_start},
+    }
+    return result
+
+
+def print_demo(r: dict) -> None:
+    print(
+        f"\nSmolLM2-135M-Instruct, K = {len(r['prompts'])} prompts, N = {r['n_tokens']:,} next tokens "
+        f"({r['n_distinct']:,} distinct); fit from the default start (best: {r['best_start']}), "
+        f"{r['n_iter']} EM iterations"
+    )
+    print(f"\n{'prompt':<38}{'alpha':>6}{'fit':>7}{'entropy':>8}{'KL fit':>10}{'KL oracle':>10}{'L/2Na':>9}{'cos':>7}")
+    for k, prompt in enumerate(r["prompts"]):
+        print(
+            f"{prompt.encode('unicode_escape').decode()[:36]:<38}{r['weights'][k]:>6.2f}{r['alpha_fit'][k]:>7.3f}"
+            f"{r['entropy'][k]:>8.2f}{r['fit']['component_kl'][k]:>10.2e}{r['oracle']['component_kl'][k]:>10.2e}"
+            f"{r['efficient_kl'][k]:>9.1e}{r['fit']['cosine'][k]:>7.3f}"
+        )
+    ratio = max(f / max(o, 1e-300) for f, o in zip(r["fit"]["component_kl"], r["oracle"]["component_kl"]))
+    ho = r["heldout_loglik"]
+    print(
+        f"\nmixture TV(true, fit) = {r['fit']['tv']:.4f}   |alpha_hat - alpha|_1 = {r['fit']['weight_error']:.4f}   "
+        f"max KL ratio fit / oracle = {ratio:.3f}"
+    )
+    print(
+        f"held-out loglik/token: fit {ho['fit']:.6f}, oracle {ho['oracle']:.6f}, truth {ho['truth']:.6f} "
+        f"(fit - oracle = {ho['fit'] - ho['oracle']:+.2e})"
+    )
+    s = r["seconds"]
+    print(f"time: load {s['load']:.1f} s, fit {s['fit']:.1f} s, whole demo {s['total']:.1f} s")
+
+
+def cmd_demo(args) -> int:
+    r = run_demo(args.n_tokens, args.n_heldout, args.seed, progress=not args.quiet)
+    print_demo(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1, default=float))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="softmix",
+        description="Fit softmax mixtures over a language model's output embedding from tokens sampled from it.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", default="smollm2", help="a local model folder, or 'smollm2' (default)")
+        sp.add_argument("--gguf-file", default=None, help="GGUF file inside --model, if the model is stored so")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("sample", help="sample next tokens (or free-running streams) into token shards")
+    model_args(sp)
+    sp.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    sp.add_argument("--prompts-file", help="a file with one prompt per line")
+    sp.add_argument("--weights", type=float, nargs="+", help="mixture weights of the prompts (default equal)")
+    sp.add_argument("--mode", choices=["next-token", "stream"], default="next-token")
+    sp.add_argument("--n-tokens", type=int, default=100_000, help="next tokens to draw (next-token mode)")
+    sp.add_argument("--n-sequences", type=int, default=64, help="sequences to generate (stream mode)")
+    sp.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sequence (stream mode)")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=None, help="truncates the law: the fit is then misspecified")
+    sp.add_argument("--top-p", type=float, default=None, help="truncates the law: the fit is then misspecified")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="folder for the shards (created; existing shards are reused)")
+    sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("fit", help="fit a K-component mixture to token shards and save the head")
+    model_args(sp)
+    sp.add_argument("--shards", required=True, help="folder of token shards")
+    sp.add_argument("-K", "--n-components", dest="K", type=int, required=True)
+    sp.add_argument("--init", default="mom", choices=["mom", "subspace", "random"])
+    sp.add_argument("--n-init", type=int, default=1)
+    sp.add_argument("--max-iter", type=int, default=300)
+    sp.add_argument("--tol", type=float, default=1e-9)
+    sp.add_argument("--ridge", type=float, default=1e-6)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default=None, help="e.g. cuda (default: where the model is)")
+    sp.add_argument("--out", required=True, help="the head file to write (.safetensors)")
+    sp.set_defaults(func=cmd_fit)
+
+    sp = sub.add_parser("eval", help="held-out per-token log-likelihood, BIC/AIC, and comparison with a truth")
+    model_args(sp)
+    sp.add_argument("--head", required=True)
+    sp.add_argument("--shards", required=True, help="held-out token shards")
+    sp.add_argument("--truth", default=None, help="a next-token shard folder whose prompts define the truth")
+    sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("inspect", help="weights and top tokens of each component, decoded")
+    model_args(sp)
+    sp.add_argument("--head", required=True)
+    sp.add_argument("--top", type=int, default=10)
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("demo", help="the SmolLM2 next-token mixture demo")
+    sp.add_argument("--n-tokens", type=int, default=10**6)
+    sp.add_argument("--n-heldout", type=int, default=10**6)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--json", default=None, help="also write the numbers to this file")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"softmix {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # validation errors from the library name the argument and the fix
+        print(f"softmix {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

