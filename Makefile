@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-smollm2 test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 
 demo: setup
 	$(PY) examples/synthetic_fit.py
+
+demo-smollm2: setup
+	$(VENV)/bin/softmix demo
 
 test: setup
 	$(PY) -m pytest -q

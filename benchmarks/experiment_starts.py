@@ -12,6 +12,7 @@ Resumable: each finished run is appended to a JSON-lines file and skipped when t
 At the end it writes a Markdown table and a plot next to that file.
 
     python benchmarks/experiment_starts.py [--seeds 10] [--design gaussian|smollm2] [--out benchmarks/results]
+    python benchmarks/experiment_starts.py --design smollm2 --seeds 3 --max-iter 150 --tol 1e-8   # as run
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def truth_for(X: torch.Tensor, whitening: Whitening, K: int, seed: int) -> dict[
     return {"alpha": t["alpha"], "beta": whitening.to_beta(t["beta"]).to(torch.float64)}
 
 
-def run_one(method: str, X, counts, truth, true_head, seed: int, whitening) -> dict:
+def run_one(method: str, X, counts, truth, true_head, seed: int, whitening, max_iter: int, tol: float) -> dict:
     K = truth["beta"].shape[0]
     t0 = time.perf_counter()
     out: dict = {}
@@ -73,7 +74,7 @@ def run_one(method: str, X, counts, truth, true_head, seed: int, whitening) -> d
             "em_subspace": dict(init="subspace", n_init=10),
             "oracle": dict(init=truth),
         }[method]
-        fitter = EMFitter(K, random_state=seed, tol=1e-9, max_iter=500, **kw)
+        fitter = EMFitter(K, random_state=seed, tol=tol, max_iter=max_iter, **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             head = fitter.fit(X, counts=counts)
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--design", default="gaussian", choices=["gaussian", "smollm2"])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--max-iter", type=int, default=500, help="EM iterations per fit")
+    ap.add_argument("--tol", type=float, default=1e-9, help="EM tolerance (per-token objective)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +179,7 @@ def main() -> None:
             true_head = sim.make_head(X, truth, dtype=torch.float64)
             counts = sim.sample_counts(true_head, N, seed=seed)
             for m in todo:
-                res = run_one(m, X, counts, truth, true_head, seed, whitening)
+                res = run_one(m, X, counts, truth, true_head, seed, whitening, args.max_iter, args.tol)
                 row = {"K": K, "N": N, "seed": seed, "method": m, **res}
                 rows.append(row)
                 with path.open("a") as fh:  # one line per finished run: resumable

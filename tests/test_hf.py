@@ -13,58 +13,14 @@ from torch_softmix import (  # noqa: E402
 )
 from torch_softmix import simulate as sim  # noqa: E402
 
+from .tiny_models import build_tiny_model  # noqa: E402
+
 PROMPTS = ["hello world", "the cat sat on", "1 2 3 4"]
-
-
-def _char_tokenizer(folder):
-    """A small word-level tokenizer built offline (no Hub download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "[EOS]": 1}
-    for word in "hello world the cat sat on 1 2 3 4 a b c".split():
-        vocab[word] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", pad_token="[EOS]"
-    )
-    fast.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny_model(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    if request.param == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=300,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            eos_token_id=1,
-            pad_token_id=1,
-            bos_token_id=0,
-        )
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.GPT2Config(
-            vocab_size=300,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            eos_token_id=1,
-            pad_token_id=1,
-            bos_token_id=0,
-        )
-        model = transformers.GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # make the next-token laws less flat than at initialisation
-        model.get_output_embeddings().weight.mul_(8.0)
-    model.save_pretrained(folder)
-    _char_tokenizer(folder)
+    folder = build_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
     return hf.load_model(str(folder))
 
 
@@ -97,7 +53,7 @@ def test_next_token_sampling_matches_model_probabilities(tiny_model, tmp_path):
     assert torch.equal(from_disk.dense(), sample.counts.dense())
 
 
-def test_fit_recovers_the_true_laws(tiny_model):
+def test_fit_recovers_the_true_laws_and_hidden_states(tiny_model):
     model, tok = tiny_model
     sample = hf.sample_next_tokens(model, tok, PROMPTS, 200_000, weights=[0.5, 0.3, 0.2], seed=1)
     design = hf.output_design(model)
@@ -107,6 +63,9 @@ def test_fit_recovers_the_true_laws(tiny_model):
     ev, ev_o = sim.evaluate(fit, true_head), sim.evaluate(oracle, true_head)
     assert ev["tv"] < 0.02 and ev["weight_error"] < 0.03
     assert max(ev["component_kl"]) < 1.5 * max(ev_o["component_kl"]) + 1e-3
+    # the true final hidden states are recovered, as well as from the oracle start
+    assert min(ev["cosine"]) > 0.97
+    assert ev["atom_error_max"] <= 1.1 * ev_o["atom_error_max"]
 
 
 def test_attach_detach_round_trip_with_generate(tiny_model, tmp_path):

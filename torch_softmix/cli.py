@@ -185,7 +185,9 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def run_demo(n_tokens: int = 10**6, n_heldout: int = 10**6, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(
+    n_tokens: int = 10**6, n_heldout: int = 10**6, seed: int = 0, progress: bool = True, max_iter: int = 300
+) -> dict:
     """The SmolLM2 demo: K = 4 prompts with unequal weights, next tokens sampled, fit from the default start,
     and a comparison with the truth and with the oracle (EM from the true atoms). Returns the numbers."""
     from . import hf
@@ -201,10 +203,10 @@ def run_demo(n_tokens: int = 10**6, n_heldout: int = 10**6, seed: int = 0, progr
     true_head = sample.true_head(design)
     K, L = len(DEMO_PROMPTS), design.X.shape[1]
     t0 = time.perf_counter()
-    fitter = EMFitter(K, random_state=seed, progress=progress)
+    fitter = EMFitter(K, random_state=seed, progress=progress, max_iter=max_iter)
     fit = fitter.fit(design.X, counts=sample.counts)
     t_fit = time.perf_counter() - t0
-    oracle_fitter = EMFitter(K, init=sample.truth)
+    oracle_fitter = EMFitter(K, init=sample.truth, max_iter=max_iter)
     oracle = oracle_fitter.fit(design.X, counts=sample.counts)
     ev, ev_o = sim.evaluate(fit, true_head), sim.evaluate(oracle, true_head)
     Nh = heldout.counts.total
