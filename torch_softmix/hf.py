@@ -253,41 +253,63 @@ def sample_next_tokens(
         "n_tokens": int(n_tokens),
         "shard_size": int(shard_size),
     }
-    folder = None if out_dir is None else Path(out_dir)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
-    shards: list[Path] = []
+    shards = _Shards(out_dir, design, settings)
     with _progress(n_tokens, "sampling next tokens", progress) as bar:
         for k in range(K):
-            probs = log_probs[k].exp()
+            probs = log_probs[k].exp().cpu()
             for j, start in enumerate(range(0, int(per_component[k]), shard_size)):
                 n = min(shard_size, int(per_component[k]) - start)
-                path = None if folder is None else folder / f"shard-{k:03d}-{j:05d}.safetensors"
-                if path is not None and path.exists():
-                    tokens, _ = read_shard(path, design.fingerprint)
-                else:
-                    gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + j)
-                    tokens = torch.multinomial(probs.cpu(), n, replacement=True, generator=gen)
-                    if path is not None:
-                        write_shard(path, tokens, {**_shard_meta(design, settings), "component": k, "shard": j})
-                dense += torch.bincount(tokens, minlength=dense.numel())
-                if path is not None:
-                    shards.append(path)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + j)
+                shards.add(
+                    f"shard-{k:03d}-{j:05d}",
+                    lambda probs=probs, n=n, gen=gen: torch.multinomial(probs, n, replacement=True, generator=gen),
+                    component=k,
+                    shard=j,
+                )
                 bar.update(n)
     atoms = true_atoms(model, tokenizer, prompts, temperature)
-    truth = {"alpha": alpha, "beta": atoms.double()}
-    if folder is not None:
-        (folder / "sampler.json").write_text(json.dumps({**settings, "model": design.identity}, indent=1))
-    return Sample(TokenCounts.from_dense(dense), shards, settings, truth)
+    return shards.sample({"alpha": alpha, "beta": atoms.double()})
 
 
-def _shard_meta(design: Design, settings: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "embedding_fingerprint": design.fingerprint,
-        "model": json.dumps(design.identity, sort_keys=True),
-        "sampler": json.dumps(settings, sort_keys=True),
-    }
+class _Shards:
+    """Token shards of one sampling run: each is read back if already on disk, else drawn and written
+    atomically; counts are accumulated shard by shard. Without a folder nothing is written."""
+
+    def __init__(self, out_dir: str | os.PathLike | None, design: Design, settings: dict[str, Any]) -> None:
+        self.folder = None if out_dir is None else Path(out_dir)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.design, self.settings = design, settings
+        self.dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
+        self.paths: list[Path] = []
+
+    def add(self, name: str, draw, **meta: Any) -> None:
+        """The shard ``name``: read it if it exists, else ``draw()`` its tokens and write them."""
+        path = None if self.folder is None else self.folder / f"{name}.safetensors"
+        if path is not None and path.exists():
+            tokens, _ = read_shard(path, self.design.fingerprint)
+        else:
+            tokens = draw()
+            if path is not None:
+                write_shard(
+                    path,
+                    tokens,
+                    {
+                        "embedding_fingerprint": self.design.fingerprint,
+                        "model": json.dumps(self.design.identity, sort_keys=True),
+                        "sampler": json.dumps(self.settings, sort_keys=True),
+                        **meta,
+                    },
+                )
+        self.dense += torch.bincount(tokens, minlength=self.dense.numel())
+        if path is not None:
+            self.paths.append(path)
+
+    def sample(self, truth: dict[str, Tensor] | None = None) -> Sample:
+        if self.folder is not None:
+            record = {**self.settings, "model": self.design.identity}
+            (self.folder / "sampler.json").write_text(json.dumps(record, indent=1))
+        return Sample(TokenCounts.from_dense(self.dense), self.paths, self.settings, truth)
 
 
 @torch.no_grad()
@@ -338,52 +360,40 @@ def sample_streams(
         "max_new_tokens": int(max_new_tokens),
         "batch_size": int(batch_size),
     }
-    folder = None if out_dir is None else Path(out_dir)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    shards = _Shards(out_dir, design, settings)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
-    shards: list[Path] = []
+
+    def draw(batch: list[str], b: int) -> Tensor:
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+        torch.manual_seed(seed * 1_000_003 + b)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=float(temperature),
+            top_k=top_k or 0,
+            top_p=1.0 if top_p is None else float(top_p),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        keep = []
+        for row in out[:, enc["input_ids"].shape[1] :].cpu():
+            stop = (row == eos).nonzero()
+            keep.append(row[: int(stop[0]) + 1] if len(stop) else row)
+        return torch.cat(keep)
+
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         with _progress(n_sequences, "generating streams", progress) as bar:
             for b, start in enumerate(range(0, n_sequences, batch_size)):
                 n = min(batch_size, n_sequences - start)
-                path = None if folder is None else folder / f"stream-{b:05d}.safetensors"
-                if path is not None and path.exists():
-                    tokens, _ = read_shard(path, design.fingerprint)
-                else:
-                    batch = [prompts[(start + i) % len(prompts)] for i in range(n)]
-                    enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-                    torch.manual_seed(seed * 1_000_003 + b)
-                    out = model.generate(
-                        **enc,
-                        do_sample=True,
-                        temperature=float(temperature),
-                        top_k=top_k or 0,
-                        top_p=1.0 if top_p is None else float(top_p),
-                        max_new_tokens=max_new_tokens,
-                        pad_token_id=tokenizer.pad_token_id,
-                    )
-                    gen = out[:, enc["input_ids"].shape[1] :].cpu()
-                    keep = []
-                    for row in gen:
-                        stop = (row == eos).nonzero()
-                        keep.append(row[: int(stop[0]) + 1] if len(stop) else row)
-                    tokens = torch.cat(keep)
-                    if path is not None:
-                        write_shard(path, tokens, {**_shard_meta(design, settings), "batch": b})
-                dense += torch.bincount(tokens, minlength=dense.numel())
-                if path is not None:
-                    shards.append(path)
+                batch = [prompts[(start + i) % len(prompts)] for i in range(n)]
+                shards.add(f"stream-{b:05d}", lambda batch=batch, b=b: draw(batch, b), batch=b)
                 bar.update(n)
     finally:
         tokenizer.padding_side = side
-    if folder is not None:
-        (folder / "sampler.json").write_text(json.dumps({**settings, "model": design.identity}, indent=1))
-    return Sample(TokenCounts.from_dense(dense), shards, settings, None)
+    return shards.sample()
 
 
 def counts_from_shards(
