@@ -12,7 +12,10 @@ never decreases (checked every iteration; with ``ridge=0`` it is the log-likelih
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -25,6 +28,7 @@ from torch import Tensor
 from . import kernels
 from .data import TokenCounts, as_counts
 from .head import SoftmaxMixtureHead, _check_design, _param_dtype
+from .io import embedding_fingerprint, read_checkpoint, write_checkpoint
 from .moments import Whitening, latent_moments, mom_estimate, subspace_starts
 from .mstep import AUTO_NEWTON_MAX_L, M_STEPS, AtomState, newton_m_step
 
@@ -87,6 +91,11 @@ class EMFitter:
         accelerate: ``"squarem"`` (default) extrapolates every two EM iterations (SQUAREM) and keeps
             the extrapolation only if its objective is at least the plain EM iterate's, so the fit
             stays monotone; ``None`` runs plain EM.
+        checkpoint: a file to save the run to every ``checkpoint_every`` EM iterations (atomically).
+            If it exists when ``fit`` starts, the fit resumes from it (after checking that the design,
+            the counts and the settings are the same) and ends with the same result as an
+            uninterrupted fit (bit-exact on CPU). With several starts, the checkpoint covers the run
+            continued after screening.
         random_state: seed (int) or ``torch.Generator`` for the random starts.
         device: where to compute (default: the embedding's device). The embedding is moved
             (copied) only if it lives elsewhere.
@@ -119,6 +128,8 @@ class EMFitter:
         cg_max_iter: int = 10,
         cg_rtol: float = 1e-3,
         accelerate: str | None = "squarem",
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
         random_state: int | torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -138,6 +149,8 @@ class EMFitter:
         self.cg_max_iter = cg_max_iter
         self.cg_rtol = cg_rtol
         self.accelerate = accelerate
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.checkpoint_every = checkpoint_every
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
@@ -157,6 +170,9 @@ class EMFitter:
         pos_int("max_iter", self.max_iter)
         pos_int("m_step_iter", self.m_step_iter)
         pos_int("cg_max_iter", self.cg_max_iter)
+        pos_int("checkpoint_every", self.checkpoint_every)
+        if self.checkpoint is not None and self.n_init > 1 and self.init_max_iter is None:
+            raise ValueError("checkpoint needs init_max_iter (screened starts) when n_init > 1")
         pos_int("init_max_iter", self.init_max_iter, allow_none=True)
         for name in ("tol", "ridge", "cg_rtol"):
             value = getattr(self, name)
@@ -175,6 +191,25 @@ class EMFitter:
             )
         if not isinstance(self.init, (str, dict, SoftmaxMixtureHead)):
             raise TypeError(f"init must be a string, a SoftmaxMixtureHead or a dict, got {type(self.init).__name__}")
+        if self.dtype is not None and self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"dtype must be torch.float32 or torch.float64 (the compute dtype; half-precision embeddings are "
+                f"read in chunks and computed in float32), got {self.dtype}"
+            )
+        pos_int("chunk_size", self.chunk_size, allow_none=True)
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device {self.device!r} is not a torch device: {err}") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} but CUDA is not available here; use device='cpu' or None")
+        if not (
+            self.random_state is None
+            or isinstance(self.random_state, torch.Generator)
+            or (isinstance(self.random_state, int) and not isinstance(self.random_state, bool))
+        ):
+            raise TypeError(f"random_state must be None, an int or a torch.Generator, got {self.random_state!r}")
 
     def _generator(self) -> torch.Generator:
         if isinstance(self.random_state, torch.Generator):
@@ -194,6 +229,11 @@ class EMFitter:
                 raise ValueError(f"init dict lacks {sorted(missing)}; give 'alpha' (K,) and 'beta' (K, L)")
             alpha, beta = torch.as_tensor(init["alpha"]), torch.as_tensor(init["beta"])
         K = self.n_components
+        alpha, beta = alpha.to(torch.float64), beta.to(torch.float64)
+        if not torch.isfinite(alpha).all() or (alpha < 0).any() or float(alpha.sum()) <= 0:
+            raise ValueError(f"init alpha must be finite, non-negative and not all zero, got {alpha.tolist()}")
+        if not torch.isfinite(beta).all():
+            raise ValueError("init beta contains NaN or infinite values")
         if alpha.shape != (K,) or beta.shape != (K, L):
             raise ValueError(
                 f"init must hold alpha of shape ({K},) and beta of shape ({K}, {L}); "
@@ -320,20 +360,36 @@ class EMFitter:
             a = 0.5 * (a - 1.0)
         return p2, -1.0
 
-    def _run(self, X, bias, counts: TokenCounts, alpha: Tensor, beta: Tensor, max_iter: int, bar=None) -> dict:
-        """EM from one start: the final state, its per-token log-likelihood and objective, history.
+    def _state(self, X, bias, alpha: Tensor, beta: Tensor) -> _State:
+        log_alpha = torch.log(alpha.to(device=self._device, dtype=torch.float64) / alpha.sum())
+        return _State(log_alpha, AtomState.from_beta(X, beta, bias, self._dtype, self.chunk_size))
+
+    def _run(
+        self,
+        X,
+        bias,
+        counts: TokenCounts,
+        state: _State,
+        max_iter: int,
+        bar=None,
+        *,
+        history: list[dict] | None = None,
+        n_done: int = 0,
+        on_point=None,
+    ) -> dict:
+        """EM from one state: the final state, its per-token log-likelihood and objective, history.
 
         ``max_iter`` counts EM iterations (M-steps); with ``accelerate="squarem"`` each cycle is two
-        EM iterations and an extrapolation that is kept only if it is at least as good.
+        EM iterations and an extrapolation that is kept only if it is at least as good. ``history`` and
+        ``n_done`` continue an earlier run (resume); ``on_point(state, history, n_maps)`` is called
+        after every accepted iterate (checkpoints).
         """
-        log_alpha = torch.log(alpha.to(device=self._device, dtype=torch.float64) / alpha.sum())
-        point = self._evaluate(
-            X, _State(log_alpha, AtomState.from_beta(X, beta, bias, self._dtype, self.chunk_size)), counts
-        )
-        t0 = time.perf_counter()
-        history = [{"iter": 0, "loglik": point.loglik, "objective": point.objective, "time": 0.0}]
+        point = self._evaluate(X, state, counts)
+        t0 = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+        if history is None:
+            history = [{"iter": 0, "loglik": point.loglik, "objective": point.objective, "time": 0.0}]
         converged = False
-        n_maps = shown = 0
+        n_maps = shown = n_done
         while n_maps < max_iter:
             prev = point
             if self.accelerate == "squarem" and n_maps + 2 <= max_iter:
@@ -377,6 +433,8 @@ class EMFitter:
             if gain < self.tol:
                 converged = True
                 break
+            if on_point is not None:
+                on_point(point.state, history, n_maps)
         return {
             "state": point.state,
             "history": history,
@@ -385,6 +443,77 @@ class EMFitter:
             "objective": point.objective,
             "loglik": point.loglik,
         }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_key(self, X: Tensor, data: TokenCounts) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the design, the data and the fit's settings."""
+        digest = hashlib.sha256()
+        digest.update(data.support.cpu().numpy().tobytes())
+        digest.update(data.values.cpu().numpy().tobytes())
+        settings = {
+            k: getattr(self, k)
+            for k in ("n_components", "ridge", "tol", "m_step", "m_step_iter", "cg_max_iter", "cg_rtol", "accelerate")
+        }
+        return {
+            "embedding_fingerprint": embedding_fingerprint(X),
+            "counts_sha256": digest.hexdigest()[:32],
+            "settings": json.dumps(settings, sort_keys=True, default=str),
+            "dtype": str(self._dtype),
+        }
+
+    def _checkpointer(self, X: Tensor, data: TokenCounts):
+        """A callback writing the run's state every ``checkpoint_every`` iterations (atomically)."""
+        if self.checkpoint is None:
+            return None
+        key = self._checkpoint_key(X, data)
+        last = [-1]
+
+        def save(state: _State, history: list[dict], n_maps: int) -> None:
+            if last[0] >= 0 and n_maps - last[0] < self.checkpoint_every:
+                return
+            last[0] = n_maps
+            meta = {
+                **key,
+                "n_maps": n_maps,
+                "history": history,
+                "init_names": getattr(self, "init_names_", None),
+                "init_results": getattr(self, "init_results_", None),
+                "init_logliks": getattr(self, "init_logliks_", None),
+                "best_init": getattr(self, "best_init_", 0),
+            }
+            write_checkpoint(
+                self.checkpoint,
+                {
+                    "log_alpha": state.log_alpha,
+                    "beta": state.atoms.beta,
+                    "logits": state.atoms.logits,
+                    "A": state.atoms.A,
+                },
+                meta,
+            )
+
+        return save
+
+    def _read_checkpoint(self, X: Tensor, data: TokenCounts):
+        """The saved ``(state, history, n_maps, meta)`` if ``checkpoint`` exists and matches this fit."""
+        if not os.path.exists(self.checkpoint):
+            return None
+        tensors, meta = read_checkpoint(self.checkpoint)
+        key = self._checkpoint_key(X, data)
+        for name, value in key.items():
+            if meta.get(name) != value:
+                raise ValueError(
+                    f"checkpoint {self.checkpoint!r} belongs to another fit ({name} differs); delete it or pass "
+                    "another checkpoint path"
+                )
+        dev = self._device
+        state = _State(
+            tensors["log_alpha"].to(dev),
+            AtomState(tensors["beta"].to(dev), tensors["logits"].to(dev), tensors["A"].to(dev)),
+        )
+        if meta["init_names"] is None:  # saved during the single start itself
+            meta["init_names"], meta["init_results"], meta["init_logliks"] = ["resumed"], [float("nan")], [float("nan")]
+        return state, meta["history"], int(meta["n_maps"]), meta
 
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
@@ -417,8 +546,15 @@ class EMFitter:
         X = X.to(self._device)
         bias = None if bias is None else bias.to(self._device)
         if not torch.isfinite(kernels.column_variance(X)).all():
-            raise ValueError("embedding contains NaN or infinite values")
+            raise ValueError("embedding contains NaN or infinite values; check the model's output layer")
+        if bias is not None and not torch.isfinite(bias).all():
+            raise ValueError("bias contains NaN or infinite values")
         data = as_counts(tokens, counts, X.shape[0]).to(self._device)
+        if data.n_distinct < self.n_components:
+            raise ValueError(
+                f"n_components={self.n_components} is larger than the {data.n_distinct} distinct tokens seen: the "
+                "mixture is not identifiable; sample more tokens or lower n_components"
+            )
         N = data.total
         gen = self._generator()
 
@@ -431,26 +567,48 @@ class EMFitter:
             total = self.max_iter + (len(starts) * self.init_max_iter if screen else 0)
             bar = tqdm(total=total, desc=f"EM K={self.n_components}", unit="it")
         try:
-            results = []
-            for _, alpha, beta in starts:
-                results.append(
-                    self._run(X, bias, data, alpha, beta, self.init_max_iter if screen else self.max_iter, bar)
+            resumed = self._read_checkpoint(X, data) if self.checkpoint is not None else None
+            if resumed is not None:
+                state, history, n_done, meta = resumed
+                self.init_names_, self.init_results_ = meta["init_names"], meta["init_results"]
+                self.init_logliks_, self.best_init_ = meta["init_logliks"], meta["best_init"]
+                result = self._run(
+                    X,
+                    bias,
+                    data,
+                    state,
+                    self.max_iter,
+                    bar,
+                    history=history,
+                    n_done=n_done,
+                    on_point=self._checkpointer(X, data),
                 )
-            best = max(range(len(results)), key=lambda i: results[i]["objective"])
-            self.init_names_ = [name for name, _, _ in starts]
-            self.init_results_ = [r["objective"] for r in results]
-            self.init_logliks_ = [r["loglik"] for r in results]
-            self.best_init_ = best
-            result = results[best]
-            if screen:
-                st = result["state"]
-                more = self._run(X, bias, data, st.log_alpha.exp(), st.atoms.beta, self.max_iter, bar)
-                offset = result["n_iter"]
-                for h in more["history"]:
-                    h["iter"] += offset
-                more["history"] = result["history"][:-1] + more["history"]
-                more["n_iter"] += offset
-                result = more
+            else:
+                results = []
+                for _, alpha, beta in starts:
+                    run_iter = self.init_max_iter if screen else self.max_iter
+                    saver = self._checkpointer(X, data) if len(starts) == 1 else None
+                    results.append(
+                        self._run(X, bias, data, self._state(X, bias, alpha, beta), run_iter, bar, on_point=saver)
+                    )
+                best = max(range(len(results)), key=lambda i: results[i]["objective"])
+                self.init_names_ = [name for name, _, _ in starts]
+                self.init_results_ = [r["objective"] for r in results]
+                self.init_logliks_ = [r["loglik"] for r in results]
+                self.best_init_ = best
+                result = results[best]
+                if screen:
+                    result = self._run(
+                        X,
+                        bias,
+                        data,
+                        result["state"],
+                        self.max_iter,
+                        bar,
+                        history=result["history"],
+                        n_done=result["n_iter"],
+                        on_point=self._checkpointer(X, data),
+                    )
         finally:
             if bar is not None:
                 bar.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,11 @@ from torch import Tensor, nn
 
 from . import kernels
 from .data import TokenCounts, as_counts
-from .io import embedding_fingerprint, read_head_file, write_head_file
+from .io import atomic_write_bytes, embedding_fingerprint, read_head_file, write_head_file
+
+#: File names of the folder form (``save_pretrained`` / ``from_pretrained``).
+CONFIG_NAME = "softmix_config.json"
+WEIGHTS_NAME = "head.safetensors"
 
 
 def _check_design(embedding: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -256,6 +261,54 @@ class SoftmaxMixtureHead(nn.Module):
             "fit": json.dumps(self.fit_info, sort_keys=True, default=str),
         }
         write_head_file(path, {"log_alpha": self.log_alpha, "beta": self.beta}, meta)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Save as a folder, Hugging Face style: ``head.safetensors`` and ``softmix_config.json``.
+
+        The config records the sizes, the embedding fingerprint and, when the head was fitted through
+        :mod:`torch_softmix.hf`, which model's embedding it belongs to. Both files are written atomically.
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save(folder / WEIGHTS_NAME)
+        config = {
+            "format": "torch_softmix.head",
+            "format_version": 1,
+            "n_components": self.n_components,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "dtype": str(self.beta.dtype).removeprefix("torch."),
+            "has_bias": self.bias is not None,
+            "embedding_fingerprint": self.fingerprint(),
+            "model": self.fit_info.get("model"),
+            "fit": self.fit_info,
+        }
+        atomic_write_bytes(folder / CONFIG_NAME, json.dumps(config, indent=1, default=str).encode())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        embedding: Tensor,
+        bias: Tensor | None = None,
+        *,
+        check_embedding: bool = True,
+        chunk_size: int | None = None,
+    ) -> SoftmaxMixtureHead:
+        """Load a folder written by :meth:`save_pretrained` onto ``embedding (p, L)``."""
+        folder = Path(directory)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}; is it a folder saved by save_pretrained?")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{str(config_path)!r} is not valid JSON (corrupt?): {err}") from err
+        if int(config.get("format_version", 0)) > 1:
+            raise ValueError(
+                f"{str(folder)!r} uses head format version {config['format_version']}; upgrade torch_softmix"
+            )
+        return cls.load(folder / WEIGHTS_NAME, embedding, bias, check_embedding=check_embedding, chunk_size=chunk_size)
 
     @classmethod
     def load(

@@ -153,3 +153,29 @@ def read_shard(path: str | os.PathLike, expect_fingerprint: str | None = None) -
             f"!= {expect_fingerprint}); fit it with the model that produced it"
         )
     return tokens.long(), meta
+
+
+CHECKPOINT_FORMAT = "torch_softmix.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:
+    """Atomically write a fit checkpoint: state tensors and JSON metadata (history, settings, keys)."""
+    meta = {"format": CHECKPOINT_FORMAT, "format_version": str(CHECKPOINT_VERSION), "state": json.dumps(metadata)}
+    data = _st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
+    atomic_write_bytes(path, data)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """Read a checkpoint written by :func:`write_checkpoint`."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable checkpoint (truncated or corrupt?): {err}") from err
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a torch_softmix fit checkpoint (format={meta.get('format')!r})")
+    if int(meta.get("format_version", "0")) > CHECKPOINT_VERSION:
+        raise ValueError(f"{str(path)!r} uses checkpoint version {meta['format_version']}; upgrade torch_softmix")
+    return tensors, json.loads(meta["state"])
