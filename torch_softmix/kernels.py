@@ -27,7 +27,7 @@ def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None) -> int:
     return max(1, min(max(n_rows, 1), CHUNK_ELEMENTS // max(1, width)))
 
 
-def _chunks(X: Tensor, rows: Tensor | None, dtype: torch.dtype, chunk_size: int | None):
+def row_chunks(X: Tensor, rows: Tensor | None, dtype: torch.dtype, chunk_size: int | None):
     """Yield ``(start, stop, X_chunk)`` over the rows of ``X`` (or ``X[rows]``), cast to ``dtype``."""
     n = X.shape[0] if rows is None else rows.numel()
     step = chunk_rows(n, X.shape[1], chunk_size)
@@ -42,14 +42,14 @@ def project(X: Tensor, V: Tensor, rows: Tensor | None = None, chunk_size: int | 
 
     Differentiable in ``V``.
     """
-    parts = [Xc @ V.T for _, _, Xc in _chunks(X, rows, V.dtype, chunk_size)]
+    parts = [Xc @ V.T for _, _, Xc in row_chunks(X, rows, V.dtype, chunk_size)]
     return torch.cat(parts) if parts else V.new_zeros(0, V.shape[0])
 
 
 def weighted_sum(X: Tensor, G: Tensor, rows: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
     """``G^T @ X[rows]``: ``(K, L)`` in ``G.dtype`` for weights ``G (r, K)``."""
     out = torch.zeros(G.shape[1], X.shape[1], dtype=G.dtype, device=G.device)
-    for start, stop, Xc in _chunks(X, rows, G.dtype, chunk_size):
+    for start, stop, Xc in row_chunks(X, rows, G.dtype, chunk_size):
         out.addmm_(G[start:stop].T, Xc)
     return out
 
@@ -89,7 +89,7 @@ def covariance(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -
     """``C_k = X^T diag(s_k) X - m_k m_k^T`` for ``s (p, K)``, ``m (K, L)``: ``(K, L, L)``. Costs ``O(p L^2 K)``."""
     K, L = m.shape
     C = torch.zeros(K, L, L, dtype=s.dtype, device=s.device)
-    for start, stop, Xc in _chunks(X, None, s.dtype, chunk_size):
+    for start, stop, Xc in row_chunks(X, None, s.dtype, chunk_size):
         for k in range(K):
             C[k].addmm_(Xc.T, Xc * s[start:stop, k : k + 1])
     C -= m[:, :, None] * m[:, None, :]
@@ -99,7 +99,7 @@ def covariance(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -
 def covariance_diagonal(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -> Tensor:
     """``diag C_k = s_k^T (X o X) - m_k^2``: ``(K, L)``."""
     out = torch.zeros_like(m)
-    for start, stop, Xc in _chunks(X, None, s.dtype, chunk_size):
+    for start, stop, Xc in row_chunks(X, None, s.dtype, chunk_size):
         out.addmm_(s[start:stop].T, Xc * Xc)
     return (out - m * m).clamp_min(0)
 
@@ -110,7 +110,7 @@ def covariance_matvec(X: Tensor, s: Tensor, m: Tensor, V: Tensor, chunk_size: in
     Two products over ``X`` per call and no ``L x L`` matrix (MATH.md §3, Newton-CG).
     """
     out = torch.zeros_like(V)
-    for start, stop, Xc in _chunks(X, None, V.dtype, chunk_size):
+    for start, stop, Xc in row_chunks(X, None, V.dtype, chunk_size):
         out.addmm_((s[start:stop] * (Xc @ V.T)).T, Xc)
     return out - m * (m * V).sum(1, keepdim=True)
 
@@ -199,7 +199,7 @@ def column_moments(X: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Te
     p, L = X.shape
     s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
     s2 = torch.zeros(L, dtype=torch.float64, device=X.device)
-    for _, _, Xc in _chunks(X, None, torch.float64, chunk_size):
+    for _, _, Xc in row_chunks(X, None, torch.float64, chunk_size):
         s1 += Xc.sum(0)
         s2 += (Xc * Xc).sum(0)
     mean = s1 / p

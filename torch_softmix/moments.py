@@ -35,7 +35,7 @@ from scipy.optimize import least_squares
 from torch import Tensor
 
 from .data import TokenCounts
-from .kernels import chunk_rows
+from .kernels import row_chunks
 
 #: Eigenvalues of the design covariance below this fraction of the largest are treated as zero.
 RANK_RTOL = 1e-8
@@ -62,12 +62,11 @@ class Whitening:
     def from_design(cls, X: Tensor, chunk_size: int | None = None) -> Whitening:
         """Mean and covariance of the ``p`` rows of ``X (p, L)``, in one chunked float64 pass."""
         p, L = X.shape
-        step = chunk_rows(p, L, chunk_size)
         s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
         s2 = torch.zeros(L, L, dtype=torch.float64, device=X.device)
         shift = X[0].to(torch.float64)  # shifted sums: no cancellation when |mean| >> spread
-        for start in range(0, p, step):
-            Xc = X[start : start + step].to(torch.float64) - shift
+        for _, _, Xc in row_chunks(X, None, torch.float64, chunk_size):
+            Xc = Xc - shift
             s1 += Xc.sum(0)
             s2 += Xc.T @ Xc
         mean_c = s1 / p
@@ -88,30 +87,49 @@ class Whitening:
 
 @dataclass
 class LatentMoments:
-    """``M1 (r,)``, ``M2 (r, r)`` and the support's whitened rows ``Z (S, r)`` with weights ``pihat (S,)``."""
+    """``M1 (r,)`` and ``M2 (r, r)`` from counts, with what is needed to project the support's rows.
+
+    The whitened rows ``z_j`` of the support are never stored (``S x r`` floats could exceed the design
+    itself): :meth:`project` recomputes them chunk by chunk and keeps only their projections.
+    """
 
     M1: Tensor
     M2: Tensor
-    Z: Tensor
-    pihat: Tensor
+    pihat: Tensor  # (S,) frequencies on the support
     n_tokens: float
+    X: Tensor
+    support: Tensor
+    whitening: Whitening
+    chunk_size: int | None = None
+
+    @property
+    def n_distinct(self) -> int:
+        return int(self.support.numel())
+
+    def project(self, U: Tensor) -> Tensor:
+        """``Z_S U``: the whitened support rows projected on ``U (r, d)``, ``(S, d)`` float64."""
+        W = self.whitening.W @ U.to(self.whitening.W)  # (L, d)
+        shift = self.whitening.mean @ W
+        parts = [Xc @ W - shift for _, _, Xc in row_chunks(self.X, self.support, torch.float64, self.chunk_size)]
+        return torch.cat(parts)
 
 
 def latent_moments(
     X: Tensor, counts: TokenCounts, whitening: Whitening, chunk_size: int | None = None
 ) -> LatentMoments:
-    """``M1`` and ``M2`` from counts; the whitened support rows are kept for projected moments."""
+    """``M1`` and ``M2`` from counts in one chunked pass over the support's rows (``O(|S| L r)``)."""
     support = counts.support
-    step = chunk_rows(support.numel(), X.shape[1], chunk_size)
-    parts = []
-    for start in range(0, support.numel(), step):
-        rows = X.index_select(0, support[start : start + step]).to(torch.float64)
-        parts.append((rows - whitening.mean) @ whitening.W)
-    Z = torch.cat(parts)
     pihat = counts.values / counts.values.sum()
-    M1 = pihat @ Z
-    M2 = (Z * pihat[:, None]).T @ Z - torch.eye(Z.shape[1], dtype=Z.dtype, device=Z.device)
-    return LatentMoments(M1, 0.5 * (M2 + M2.T), Z, pihat, counts.total)
+    r = whitening.rank
+    M1 = torch.zeros(r, dtype=torch.float64, device=X.device)
+    M2 = torch.zeros(r, r, dtype=torch.float64, device=X.device)
+    for start, stop, Xc in row_chunks(X, support, torch.float64, chunk_size):
+        Z = (Xc - whitening.mean) @ whitening.W
+        w = pihat[start:stop]
+        M1 += w @ Z
+        M2 += (Z * w[:, None]).T @ Z
+    M2 -= torch.eye(r, dtype=M2.dtype, device=M2.device)
+    return LatentMoments(M1, 0.5 * (M2 + M2.T), pihat, counts.total, X, support, whitening, chunk_size)
 
 
 def hermite_moments(t: Tensor, w: Tensor, order: int) -> tuple[Tensor, Tensor]:
@@ -214,8 +232,8 @@ def _validate_subspace(moments: LatentMoments, K: int) -> str:
     r = moments.M2.shape[0]
     if K > r:
         return f"K = {K} exceeds the rank {r} of the whitened design"
-    if K > moments.Z.shape[0]:
-        return f"K = {K} exceeds the {moments.Z.shape[0]} distinct tokens seen"
+    if K > moments.n_distinct:
+        return f"K = {K} exceeds the {moments.n_distinct} distinct tokens seen"
     return ""
 
 
@@ -374,7 +392,7 @@ def mom_estimate(
     if K == 1:
         gamma = moments.M1[None, :]
         return MoMResult(torch.ones(1, dtype=torch.float64), whitening.to_beta(gamma), method, True, subspace=U)
-    Y = moments.Z @ U  # (S, K)
+    Y = moments.project(U)  # (S, K)
     try:
         if method == "tensor":
             atoms, alpha = _tensor_route(Y, moments.pihat, K, gen)
