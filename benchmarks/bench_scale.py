@@ -41,7 +41,7 @@ def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
 
     base = rss_mb()
     gen = torch.Generator().manual_seed(0)
-    X = torch.randn(p, L, generator=gen) / L**0.5  # float32, logits of unit scale per unit atom
+    X = torch.randn(p, L, generator=gen).div_(L**0.5)  # float32 (in place: no second copy), unit-scale logits
     emb_mb = X.numel() * 4 / 2**20
     truth = sim.random_mixture(K, L, norm=3.0 * L**0.5, min_weight=0.5 / K, seed=1)
     head = sim.make_head(X, truth)

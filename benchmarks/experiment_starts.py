@@ -5,7 +5,7 @@ at K = 3, with ``--seeds`` seeds per cell. Optionally the same on a real embeddi
 SmolLM2-135M's output embedding, p = 49152, L = 576), with atoms drawn in whitened coordinates.
 
 For every (cell, seed) it runs: MoM alone (tensor and univariate), EM from MoM (both), EM from one
-random start, EM from 10 subspace restarts, and the oracle (EM from the truth), recording the
+random start, EM from 10 subspace restarts, EM from 3 k-means starts, and the oracle (EM from the truth), recording the
 Hungarian-matched max relative atom error, weight error, per-token log-likelihood and wall time.
 
 Resumable: each finished run is appended to a JSON-lines file and skipped when the script is run again.
@@ -30,7 +30,16 @@ from torch_softmix import EMFitter, TokenCounts
 from torch_softmix import simulate as sim
 from torch_softmix.moments import Whitening, mom_estimate
 
-METHODS = ["mom_tensor", "mom_univariate", "em_mom_tensor", "em_mom_univariate", "em_random", "em_subspace", "oracle"]
+METHODS = [
+    "mom_tensor",
+    "mom_univariate",
+    "em_mom_tensor",
+    "em_mom_univariate",
+    "em_random",
+    "em_subspace",
+    "em_kmeans",
+    "oracle",
+]
 
 
 def cells(design: str) -> list[tuple[int, int]]:
@@ -72,6 +81,7 @@ def run_one(method: str, X, counts, truth, true_head, seed: int, whitening, max_
             "em_mom_univariate": dict(init="mom", mom_method="univariate"),
             "em_random": dict(init="random"),
             "em_subspace": dict(init="subspace", n_init=10),
+            "em_kmeans": dict(init="kmeans", n_init=3),
             "oracle": dict(init=truth),
         }[method]
         fitter = EMFitter(K, random_state=seed, tol=tol, max_iter=max_iter, **kw)
