@@ -39,6 +39,11 @@ def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
     from torch_softmix import simulate as sim
     from torch_softmix.mstep import AtomState
 
+    # the baseline includes the libraries' lazy initialisation (BLAS / OpenMP workspaces), not the design
+    warm = torch.randn(2048, 512)
+    (warm @ warm.T).sum()
+    sim.sample_counts(sim.make_head(warm[:512, :64].double(), sim.random_mixture(2, 64, seed=0)), 1000, seed=0)
+    del warm
     base = rss_mb()
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(p, L, generator=gen).div_(L**0.5)  # float32 (in place: no second copy), unit-scale logits

@@ -195,15 +195,23 @@ def e_step(
 
 
 def column_moments(X: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-column mean and variance of the rows of ``X (p, L)``: two ``(L,)`` float64, one chunked pass."""
+    """Per-column mean and variance of the rows of ``X (p, L)``: two ``(L,)`` float64, one chunked pass.
+
+    Chunks are read in float32 (float64 designs stay float64), summed per chunk in that dtype and
+    accumulated in float64 about the first row: the temporaries stay one chunk, and there is no
+    cancellation when ``|mean| >> spread``.
+    """
     p, L = X.shape
+    dt = torch.float64 if X.dtype == torch.float64 else torch.float32
+    shift = X[0].to(dt)
     s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
     s2 = torch.zeros(L, dtype=torch.float64, device=X.device)
-    for _, _, Xc in row_chunks(X, None, torch.float64, chunk_size):
-        s1 += Xc.sum(0)
-        s2 += (Xc * Xc).sum(0)
+    for _, _, Xc in row_chunks(X, None, dt, chunk_size):
+        D = Xc - shift
+        s1 += D.sum(0).to(torch.float64)  # per-chunk sums in the chunk's dtype, accumulated in float64
+        s2 += D.square_().sum(0).to(torch.float64)
     mean = s1 / p
-    return mean, (s2 / p - mean * mean).clamp_min(0)
+    return mean + shift.to(torch.float64), (s2 / p - mean * mean).clamp_min(0)
 
 
 def column_mean(X: Tensor, chunk_size: int | None = None) -> Tensor:
