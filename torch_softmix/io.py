@@ -79,43 +79,54 @@ def embedding_fingerprint(embedding: Tensor, bias: Tensor | None = None) -> str:
     return h.hexdigest()[:32]
 
 
-def write_head_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:
-    """Atomically write ``tensors`` with ``metadata`` (values JSON-encoded unless already ``str``)."""
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+def _write(path: str | os.PathLike, fmt: str, version: int, tensors: dict[str, Tensor], metadata: dict) -> None:
+    """Atomically write ``tensors`` with the format's name and version and ``metadata`` (JSON unless ``str``)."""
+    meta = {"format": fmt, "format_version": str(version)}
     for key, value in metadata.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    data = _st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(
+        path, _st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
+    )
 
 
-def read_head_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a head file written by :func:`write_head_file`, checking its format and version."""
+def _read(
+    path: str | os.PathLike, fmt: str, version: int, what: str, required: tuple[str, ...]
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a file written by :func:`_write`, checking its format, version and ``required`` tensors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no head file at {str(path)!r}")
+        raise FileNotFoundError(f"no {what} at {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{str(path)!r} is a safetensors file but not a torch_softmix head (metadata format={meta.get('format')!r})"
-        )
+        raise ValueError(f"{str(path)!r} is not a readable {what} (truncated or corrupt?): {err}") from err
+    if meta.get("format") != fmt:
+        raise ValueError(f"{str(path)!r} is not a torch_softmix {what} (metadata format={meta.get('format')!r})")
     try:
-        version = int(meta.get("format_version", ""))
+        found = int(meta.get("format_version", ""))
     except ValueError:
         raise ValueError(f"{str(path)!r} has an unreadable format_version {meta.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
+    if found > version:
         raise ValueError(
-            f"{str(path)!r} uses head format version {version}, newer than this torch_softmix reads "
-            f"(version {FORMAT_VERSION}); upgrade torch_softmix"
+            f"{str(path)!r} uses {what} format version {found}, newer than this torch_softmix reads "
+            f"(version {version}); upgrade torch_softmix"
         )
-    for name in ("log_alpha", "beta"):
+    for name in required:
         if name not in tensors:
             raise ValueError(f"{str(path)!r} lacks the tensor {name!r}; the file is incomplete")
     return tensors, meta
+
+
+def write_head_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:
+    """Atomically write a head's ``tensors`` with ``metadata`` (values JSON-encoded unless already ``str``)."""
+    _write(path, FORMAT_NAME, FORMAT_VERSION, tensors, metadata)
+
+
+def read_head_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a head file written by :func:`write_head_file`, checking its format and version."""
+    return _read(path, FORMAT_NAME, FORMAT_VERSION, "head", ("log_alpha", "beta"))
 
 
 SHARD_FORMAT = "torch_softmix.shard"
@@ -126,25 +137,15 @@ def write_shard(path: str | os.PathLike, tokens: Tensor, metadata: dict[str, obj
     """Atomically write a token shard: tensor ``tokens (n,)`` (int32 when the ids fit, else int64) and metadata."""
     tokens = tokens.detach().reshape(-1).to("cpu")
     dtype = torch.int32 if tokens.numel() == 0 or int(tokens.max()) < 2**31 - 1 else torch.int64
-    meta = {"format": SHARD_FORMAT, "format_version": str(SHARD_VERSION), "n_tokens": str(tokens.numel())}
-    for key, value in metadata.items():
-        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    atomic_write_bytes(path, _st_save({"tokens": tokens.to(dtype).contiguous()}, metadata=meta))
+    _write(
+        path, SHARD_FORMAT, SHARD_VERSION, {"tokens": tokens.to(dtype)}, {"n_tokens": str(tokens.numel()), **metadata}
+    )
 
 
 def read_shard(path: str | os.PathLike, expect_fingerprint: str | None = None) -> tuple[Tensor, dict[str, str]]:
     """Read a token shard; with ``expect_fingerprint``, refuse a shard sampled from another model."""
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tokens = fh.get_tensor("tokens") if "tokens" in fh.keys() else None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable token shard (truncated or corrupt?): {err}") from err
-    if meta.get("format") != SHARD_FORMAT or tokens is None:
-        raise ValueError(f"{str(path)!r} is not a torch_softmix token shard (format={meta.get('format')!r})")
-    if int(meta.get("format_version", "0")) > SHARD_VERSION:
-        raise ValueError(f"{str(path)!r} uses shard format version {meta['format_version']}; upgrade torch_softmix")
+    tensors, meta = _read(path, SHARD_FORMAT, SHARD_VERSION, "token shard", ("tokens",))
+    tokens = tensors["tokens"]
     if int(meta.get("n_tokens", tokens.numel())) != tokens.numel():
         raise ValueError(f"{str(path)!r} holds {tokens.numel()} tokens but its metadata says {meta['n_tokens']}")
     if expect_fingerprint is not None and meta.get("embedding_fingerprint") != expect_fingerprint:
@@ -161,21 +162,12 @@ CHECKPOINT_VERSION = 1
 
 def write_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:
     """Atomically write a fit checkpoint: state tensors and JSON metadata (history, settings, keys)."""
-    meta = {"format": CHECKPOINT_FORMAT, "format_version": str(CHECKPOINT_VERSION), "state": json.dumps(metadata)}
-    data = _st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
-    atomic_write_bytes(path, data)
+    _write(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, tensors, {"state": json.dumps(metadata)})
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint written by :func:`write_checkpoint`."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint (truncated or corrupt?): {err}") from err
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a torch_softmix fit checkpoint (format={meta.get('format')!r})")
-    if int(meta.get("format_version", "0")) > CHECKPOINT_VERSION:
-        raise ValueError(f"{str(path)!r} uses checkpoint version {meta['format_version']}; upgrade torch_softmix")
+    tensors, meta = _read(
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ("log_alpha", "beta", "logits", "A")
+    )
     return tensors, json.loads(meta["state"])
