@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 #: Default budget, in elements, for the largest per-chunk temporary.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None) -> int:
