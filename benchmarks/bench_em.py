@@ -23,18 +23,10 @@ import time
 
 import numpy as np
 import torch
+from common import best_of  # benchmarks/common.py (the script's folder is on sys.path)
 
 from torch_softmix import EMFitter
 from torch_softmix import simulate as sim
-
-
-def best_of(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def marginal_nll(X: torch.Tensor, n: torch.Tensor, log_alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -139,10 +131,7 @@ def main() -> None:
     truth = sim.random_mixture(K, L, norm=3.0 * L**0.5, min_weight=0.5 / K, seed=args.seed + 1)
     true_head = sim.make_head(X, truth)
     counts = sim.sample_counts(true_head, args.N, seed=args.seed + 2)
-    g = torch.Generator().manual_seed(args.seed + 3)
-    noise = torch.randn(K, L, generator=g, dtype=torch.float64)
-    noise = noise / noise.norm(dim=1, keepdim=True) * truth["beta"].norm(dim=1, keepdim=True)
-    start = {"alpha": torch.full((K,), 1.0 / K, dtype=torch.float64), "beta": truth["beta"] + args.noise * noise}
+    start = sim.perturbed_start(truth, args.noise, seed=args.seed + 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"design {p} x {L} float32, K = {K}, N = {args.N:,} ({int((counts > 0).sum()):,} distinct tokens)")
 

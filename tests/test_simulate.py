@@ -37,3 +37,12 @@ def test_sample_counts_total_and_seed():
     head = sim.make_head(X, sim.random_mixture(2, 3, seed=1))
     c1, c2 = sim.sample_counts(head, 1000, seed=5), sim.sample_counts(head, 1000, seed=5)
     assert int(c1.sum()) == 1000 and torch.equal(c1, c2)
+
+
+def test_perturbed_start_moves_each_atom_by_the_asked_fraction():
+    truth = sim.random_mixture(3, 5, norm=2.0, seed=0)
+    start = sim.perturbed_start(truth, 0.3, seed=1)
+    moved = (start["beta"] - truth["beta"]).norm(dim=1) / truth["beta"].norm(dim=1)
+    torch.testing.assert_close(moved, torch.full((3,), 0.3, dtype=torch.float64))
+    assert torch.equal(start["beta"], sim.perturbed_start(truth, 0.3, seed=1)["beta"])
+    torch.testing.assert_close(start["alpha"], torch.full((3,), 1 / 3, dtype=torch.float64))

@@ -72,6 +72,18 @@ def random_mixture(
     return {"alpha": alpha / alpha.sum(), "beta": beta}
 
 
+def perturbed_start(truth: dict[str, Tensor], noise: float, *, seed: int | None = None) -> dict[str, Tensor]:
+    """A start near ``truth``: each atom moved by ``noise × ||beta_k||`` in a random direction, weights uniform.
+
+    Returns ``{"alpha": (K,), "beta": (K, L)}`` in float64, ready for ``EMFitter(init=...)``.
+    """
+    beta = truth["beta"].double()
+    K = beta.shape[0]
+    step = torch.randn(beta.shape, generator=_generator(seed), dtype=torch.float64)
+    step = step / step.norm(dim=1, keepdim=True) * beta.norm(dim=1, keepdim=True)
+    return {"alpha": torch.full((K,), 1.0 / K, dtype=torch.float64), "beta": beta + noise * step}
+
+
 def make_head(embedding: Tensor, truth: dict[str, Tensor], bias: Tensor | None = None, **kwargs) -> SoftmaxMixtureHead:
     """A head over ``embedding`` holding the truth's ``alpha`` and ``beta``."""
     K = truth["beta"].shape[0]
