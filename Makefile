@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-smollm2 test lint bench clean
+.PHONY: setup demo demo-synthetic test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -12,16 +12,16 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	touch $@
 
 demo: setup
-	$(PY) examples/synthetic_fit.py
-
-demo-smollm2: setup
 	$(VENV)/bin/softmix demo
+
+demo-synthetic: setup
+	$(PY) examples/synthetic_fit.py
 
 test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check torch_softmix tests examples benchmarks
+	$(VENV)/bin/ruff check torch_softmix tests examples benchmarks scripts notebooks
 
 bench: setup
 	$(PY) benchmarks/bench_em.py

@@ -29,3 +29,17 @@ def test_float32_fit_on_cuda_and_save(tmp_path):
     assert torch.equal(back.beta, head.beta)
     tokens = head.sample(1000, generator=torch.Generator(device="cuda").manual_seed(0))
     assert tokens.device.type == "cuda"
+
+
+def test_polish_on_cuda_matches_cpu():
+    X = sim.gaussian_design(2000, 8, seed=6, dtype=torch.float64)
+    truth = sim.random_mixture(3, 8, norm=2.0, seed=7)
+    counts = sim.sample_counts(sim.make_head(X, truth), 100_000, seed=8)
+    start = sim.perturbed_start(truth, 0.3, seed=9)
+    cpu = EMFitter(3, init=start, max_iter=2, polish_iter=300, tol=1e-13)
+    gpu = EMFitter(3, init=start, max_iter=2, polish_iter=300, tol=1e-13, device="cuda")
+    cpu.fit(X, counts=counts)
+    gpu.fit(X, counts=counts)
+    assert gpu.polish_["kept"] and gpu.head_.beta.device.type == "cuda"
+    assert abs(gpu.objective_ - cpu.objective_) < 1e-9
+    torch.testing.assert_close(gpu.head_.beta.cpu(), cpu.head_.beta, rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ def test_design_and_true_atoms(smollm2):
 def test_demo_path_runs(smollm2):
     from torch_softmix.cli import print_demo, run_demo
 
-    r = run_demo(n_tokens=20_000, n_heldout=20_000, progress=False, max_iter=40)
+    r = run_demo(n_tokens=20_000, n_heldout=20_000, progress=False, polish_iter=50)
     print_demo(r)
     assert len(r["fit"]["component_kl"]) == 4
     assert all(math.isfinite(v) for v in r["heldout_loglik"].values())

@@ -6,6 +6,7 @@ Data path: tokens -> :class:`TokenCounts` -> :class:`EMFitter` -> :class:`Softma
 from .data import TokenCounts
 from .em import EMFitter
 from .head import SoftmaxMixtureHead
+from .system import tune_memory_allocator
 
-__all__ = ["EMFitter", "SoftmaxMixtureHead", "TokenCounts"]
+__all__ = ["EMFitter", "SoftmaxMixtureHead", "TokenCounts", "tune_memory_allocator"]
 __version__ = "0.1.0"

@@ -25,6 +25,7 @@ from . import simulate as sim
 from .em import EMFitter
 from .head import SoftmaxMixtureHead
 from .io import atomic_write_bytes
+from .system import tune_memory_allocator
 
 DEMO_PROMPTS = [
     "The capital of France is",
@@ -117,7 +118,9 @@ def cmd_fit(args) -> int:
         args.K,
         init=args.init,
         n_init=args.n_init,
+        init_max_iter=args.init_max_iter,
         max_iter=args.max_iter,
+        polish_iter=args.polish_iter,
         tol=args.tol,
         ridge=args.ridge,
         random_state=args.seed,
@@ -187,7 +190,7 @@ def cmd_inspect(args) -> int:
 
 
 def run_demo(
-    n_tokens: int = 10**6, n_heldout: int = 10**6, seed: int = 0, progress: bool = True, max_iter: int = 300
+    n_tokens: int = 10**6, n_heldout: int = 10**6, seed: int = 0, progress: bool = True, polish_iter: int | None = None
 ) -> dict:
     """The SmolLM2 demo: K = 4 prompts with unequal weights, next tokens sampled, fit from the default start,
     and a comparison with the truth and with the oracle (EM from the true atoms). Returns the numbers."""
@@ -204,11 +207,13 @@ def run_demo(
     true_head = sample.true_head(design)
     K, L = len(DEMO_PROMPTS), design.X.shape[1]
     t0 = time.perf_counter()
-    fitter = EMFitter(K, random_state=seed, progress=progress, max_iter=max_iter)
+    kw = {} if polish_iter is None else {"polish_iter": polish_iter}
+    fitter = hf.lm_fitter(K, random_state=seed, progress=progress, **kw)
     fit = fitter.fit(design.X, counts=sample.counts)
     t_fit = time.perf_counter() - t0
-    oracle_fitter = EMFitter(K, init=sample.truth, max_iter=max_iter)
+    oracle_fitter = hf.lm_fitter(K, init=sample.truth, max_iter=20, **kw)
     oracle = oracle_fitter.fit(design.X, counts=sample.counts)
+    t_oracle = time.perf_counter() - t0 - t_fit
     ev, ev_o = sim.evaluate(fit, true_head), sim.evaluate(oracle, true_head)
     Nh = heldout.counts.total
     ho = {
@@ -231,8 +236,11 @@ def run_demo(
         "efficient_kl": [L / (2 * n_tokens * float(a)) for a in alpha],
         "alpha_fit": fit.alpha.detach()[torch.tensor(ev["perm"])].tolist(),
         "n_iter": fitter.n_iter_,
+        "polish": fitter.polish_,
+        "oracle_polish": oracle_fitter.polish_,
+        "objective": {"fit": fitter.objective_, "oracle": oracle_fitter.objective_},
         "best_start": fitter.init_names_[fitter.best_init_],
-        "seconds": {"load": t_load, "fit": t_fit, "total": time.perf_counter() - t_start},
+        "seconds": {"load": t_load, "fit": t_fit, "oracle": t_oracle, "total": time.perf_counter() - t_start},
     }
     return result
 
@@ -240,8 +248,9 @@ def run_demo(
 def print_demo(r: dict) -> None:
     print(
         f"\nSmolLM2-135M-Instruct, K = {len(r['prompts'])} prompts, N = {r['n_tokens']:,} next tokens "
-        f"({r['n_distinct']:,} distinct); fit from the default start (best: {r['best_start']}), "
-        f"{r['n_iter']} EM iterations"
+        f"({r['n_distinct']:,} distinct); fit from the default start for LMs (hf.LM_FIT_DEFAULTS; best: "
+        f"{r['best_start']}), {r['n_iter']} EM iterations"
+        + (f" + {r['polish']['n_iter']} L-BFGS iterations" if r.get("polish") else "")
     )
     print(f"\n{'prompt':<38}{'alpha':>6}{'fit':>7}{'entropy':>8}{'KL fit':>10}{'KL oracle':>10}{'L/2Na':>9}{'cos':>7}")
     for k, prompt in enumerate(r["prompts"]):
@@ -261,7 +270,10 @@ def print_demo(r: dict) -> None:
         f"(fit - oracle = {ho['fit'] - ho['oracle']:+.2e})"
     )
     s = r["seconds"]
-    print(f"time: load {s['load']:.1f} s, fit {s['fit']:.1f} s, whole demo {s['total']:.1f} s")
+    print(
+        f"objective/token: fit {r['objective']['fit']:.7f}, oracle {r['objective']['oracle']:.7f}\n"
+        f"time: load {s['load']:.1f} s, fit {s['fit']:.1f} s, oracle {s['oracle']:.1f} s, whole demo {s['total']:.1f} s"
+    )
 
 
 def cmd_demo(args) -> int:
@@ -305,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--shards", required=True, help="folder of token shards")
     sp.add_argument("-K", "--n-components", dest="K", type=int, required=True)
-    sp.add_argument("--init", default="mom", choices=["mom", "subspace", "random"])
-    sp.add_argument("--n-init", type=int, default=1)
-    sp.add_argument("--max-iter", type=int, default=300)
-    sp.add_argument("--tol", type=float, default=1e-9)
+    lm = hf_defaults()
+    sp.add_argument("--init", default=lm["init"], choices=["kmeans", "mom", "subspace", "random"])
+    sp.add_argument("--n-init", type=int, default=lm["n_init"], help="starts, each screened by --init-max-iter")
+    sp.add_argument("--init-max-iter", type=int, default=lm["init_max_iter"], help="EM iterations per start")
+    sp.add_argument("--max-iter", type=int, default=lm["max_iter"], help="EM iterations in all (screening included)")
+    sp.add_argument("--polish-iter", type=int, default=lm["polish_iter"], help="L-BFGS iterations after EM")
+    sp.add_argument("--tol", type=float, default=lm["tol"])
     sp.add_argument("--ridge", type=float, default=1e-6)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default=None, help="e.g. cuda (default: where the model is)")
@@ -338,8 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hf_defaults() -> dict:
+    """:data:`torch_softmix.hf.LM_FIT_DEFAULTS` (imported lazily: ``transformers`` stays optional)."""
+    from .hf import LM_FIT_DEFAULTS
+
+    return LM_FIT_DEFAULTS
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_memory_allocator()
     try:
         return args.func(args)
     except (UserError, FileNotFoundError, ModuleNotFoundError) as err:

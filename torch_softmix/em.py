@@ -31,6 +31,7 @@ from .head import SoftmaxMixtureHead, _check_design, _param_dtype
 from .io import embedding_fingerprint, read_checkpoint, write_checkpoint
 from .moments import Whitening, latent_moments, mom_estimate, subspace_starts
 from .mstep import AUTO_NEWTON_MAX_L, M_STEPS, AtomState, newton_m_step
+from .polish import polish
 from .starts import kmeans_start, random_start
 
 INIT_CHOICES = ("mom", "subspace", "kmeans", "random")
@@ -97,6 +98,11 @@ class EMFitter:
         accelerate: ``"squarem"`` (default) extrapolates every two EM iterations (SQUAREM) and keeps
             the extrapolation only if its objective is at least the plain EM iterate's, so the fit
             stays monotone; ``None`` runs plain EM.
+        polish_iter: after EM, up to this many L-BFGS iterations on the marginal likelihood
+            (:func:`~torch_softmix.polish.polish`, float64, whitened atoms); ``0`` (default) skips it.
+            Worth it where EM creeps because components share tokens (LM next-token mixtures); the
+            polished point is kept only if its objective is at least EM's. Not checkpointed (it reruns
+            after a resumed EM).
         checkpoint: a file to save the run to every ``checkpoint_every`` EM iterations (atomically).
             If it exists when ``fit`` starts, the fit resumes from it (after checking that the design,
             the counts and the settings are the same) and ends with the same result as an
@@ -116,7 +122,8 @@ class EMFitter:
     ``collapsed_`` (components whose weight fell below 1e-8), ``init_names_`` (each start's name: ``"mom"``, ``"subspace-3"``, ...), ``init_results_`` and
     ``init_logliks_`` (per-token objective and log-likelihood each start reached), ``best_init_``
     (index of the start kept), ``init_info_`` (MoM diagnostics, fallback reason), ``mom_``
-    (the :class:`~torch_softmix.moments.MoMResult`, for ``init="mom"``), ``n_tokens_``.
+    (the :class:`~torch_softmix.moments.MoMResult`, for ``init="mom"``), ``n_tokens_``, ``polish_``
+    (with ``polish_iter > 0``: L-BFGS iterations, evaluations, objective before and after, whether kept).
     """
 
     def __init__(
@@ -134,6 +141,7 @@ class EMFitter:
         cg_max_iter: int = 10,
         cg_rtol: float = 1e-3,
         accelerate: str | None = "squarem",
+        polish_iter: int = 0,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         random_state: int | torch.Generator | None = None,
@@ -155,6 +163,7 @@ class EMFitter:
         self.cg_max_iter = cg_max_iter
         self.cg_rtol = cg_rtol
         self.accelerate = accelerate
+        self.polish_iter = polish_iter
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every = checkpoint_every
         self.random_state = random_state
@@ -177,6 +186,8 @@ class EMFitter:
         pos_int("m_step_iter", self.m_step_iter)
         pos_int("cg_max_iter", self.cg_max_iter)
         pos_int("checkpoint_every", self.checkpoint_every)
+        if isinstance(self.polish_iter, bool) or not isinstance(self.polish_iter, int) or self.polish_iter < 0:
+            raise ValueError(f"polish_iter must be an int >= 0 (0: no polish), got {self.polish_iter!r}")
         if self.checkpoint is not None and self.n_init > 1 and self.init_max_iter is None:
             raise ValueError("checkpoint needs init_max_iter (screened starts) when n_init > 1")
         pos_int("init_max_iter", self.init_max_iter, allow_none=True)
@@ -461,6 +472,55 @@ class EMFitter:
             "loglik": point.loglik,
         }
 
+    def _polish(self, X, bias, data: TokenCounts, result: dict) -> dict:
+        """L-BFGS on the marginal likelihood from EM's final state; kept only if it is at least as good."""
+        t0 = time.perf_counter()
+        state = result["state"]
+        pr = polish(
+            X,
+            data,
+            state.atoms.beta,
+            state.log_alpha,
+            self.ridge * data.total,
+            self._whitening(X),
+            bias=bias,
+            max_iter=self.polish_iter,
+            tol=self.tol,
+            chunk_size=self.chunk_size,
+        )
+        point = self._evaluate(X, self._state(X, bias, pr.log_alpha.exp(), pr.beta), data)
+        kept = point.objective >= result["objective"]
+        self.polish_ = {
+            "n_iter": pr.n_iter,
+            "n_evals": pr.n_evals,
+            "converged": pr.converged,
+            "objective_before": result["objective"],
+            "objective_after": point.objective,
+            "kept": kept,
+            "seconds": time.perf_counter() - t0,
+        }
+        history = result["history"]
+        history.append(
+            {
+                "iter": result["n_iter"],
+                "loglik": point.loglik,
+                "objective": point.objective,
+                "time": history[-1]["time"] + self.polish_["seconds"],
+                "phase": "polish",
+                "polish_iter": pr.n_iter,
+                "polish_evals": pr.n_evals,
+            }
+        )
+        if not kept:
+            return result
+        return {
+            **result,
+            "state": point.state,
+            "objective": point.objective,
+            "loglik": point.loglik,
+            "converged": result["converged"] or pr.converged,
+        }
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_key(self, X: Tensor, data: TokenCounts) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: the design, the data and the fit's settings."""
@@ -631,6 +691,9 @@ class EMFitter:
             if bar is not None:
                 bar.close()
 
+        self.polish_ = None
+        if self.polish_iter > 0:
+            result = self._polish(X, bias, data, result)
         state = result["state"]
         head = SoftmaxMixtureHead(X, self.n_components, bias, dtype=self._dtype, chunk_size=self.chunk_size)
         with torch.no_grad():
@@ -660,6 +723,7 @@ class EMFitter:
             "ridge": self.ridge,
             "n_iter": self.n_iter_,
             "converged": self.converged_,
+            **({"polish": self.polish_} if self.polish_ else {}),
             "init": self.init if isinstance(self.init, str) else "given",
             "n_init": len(starts),
             "best_init": self.init_names_[self.best_init_],
