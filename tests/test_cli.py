@@ -1,4 +1,4 @@
-"""The softmix command end to end in a temporary folder: sample -> fit -> eval -> inspect."""
+"""The softmix command end to end in a temporary folder: sample -> fit -> eval -> inspect -> generate."""
 
 import json
 
@@ -53,6 +53,9 @@ def test_sample_fit_eval_inspect(model_dir, tmp_path, capsys):
     assert main(["inspect", *common, "--head", str(head), "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("component") == 2 and "weight" in out
+    assert main(["generate", *common, "--head", str(head), "--prompt", "hello", "-n", "2", "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("'hello' -> ") for line in lines)
 
 
 def test_stream_mode(model_dir, tmp_path):

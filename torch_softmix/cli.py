@@ -6,6 +6,7 @@
     softmix fit --model smollm2 --shards shards/ -K 2 --out head.safetensors
     softmix eval --model smollm2 --head head.safetensors --shards heldout/ [--truth shards/]
     softmix inspect --model smollm2 --head head.safetensors --top 10
+    softmix generate --model smollm2 --head head.safetensors --prompt "Hello" -n 3   # the head as output layer
 
 User mistakes (missing files, bad arguments, a head of another model) end with a one-line message and
 exit code 2, never a traceback.
@@ -171,6 +172,36 @@ def cmd_eval(args) -> int:
         out["true_loglik_per_token"] = float(true_head.loglik(counts)) / N
         out.update({k: ev[k] for k in ("tv", "kl", "weight_error", "component_kl", "cosine") if k in ev})
     print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Attach the head as the model's output layer, generate from prompts, detach."""
+    from . import hf
+
+    model, tok, design = _model(args)
+    head = _load_head(args.head, design)
+    prompts = _read_prompts(args)
+    hf.attach_head(model, head)
+    try:
+        torch.manual_seed(args.seed)
+        for prompt in prompts:
+            inputs = tok(prompt, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs,
+                    do_sample=True,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=args.max_new_tokens,
+                    num_return_sequences=args.n,
+                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                )
+            for seq in out:
+                text = tok.decode(seq[inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+                print(f"{prompt!r} -> {text!r}")
+    finally:
+        hf.detach_head(model)
     return 0
 
 
@@ -342,6 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--head", required=True)
     sp.add_argument("--top", type=int, default=10)
     sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("generate", help="attach a head as the model's output layer and generate from it")
+    model_args(sp)
+    sp.add_argument("--head", required=True)
+    sp.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    sp.add_argument("--prompts-file", help="a file with one prompt per line")
+    sp.add_argument("--max-new-tokens", type=int, default=20)
+    sp.add_argument("-n", type=int, default=1, help="continuations per prompt")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("demo", help="the SmolLM2 next-token mixture demo")
     sp.add_argument("--n-tokens", type=int, default=10**6)
