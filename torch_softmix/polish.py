@@ -91,14 +91,17 @@ def polish(
     """L-BFGS (strong Wolfe line search) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
 
     Stops after ``max_iter`` iterations or when an iteration changes the per-token objective by less than
-    ``tol``. Never returns a point worse than the start: the best point evaluated is kept (the start's
-    atoms are first projected on the design's non-null directions, which leaves the law unchanged).
+    ``tol``. Returns the best point evaluated, so never one worse than the first: the start with its atoms
+    projected on the directions the whitening keeps (all of them for a full-rank design; dropped ones
+    carry less than 1e-8 of the largest variance). :class:`~torch_softmix.em.EMFitter` keeps the result
+    only if it beats EM's own final objective.
     """
     N = counts.total
     dev = X.device
     W = whitening.W.to(dev)  # (L, r)
     gamma0 = beta.to(device=dev, dtype=torch.float64) @ whitening.W_inv.to(dev).T  # (K, r)
-    theta = torch.cat([gamma0.flatten(), log_alpha.to(device=dev, dtype=torch.float64)]).requires_grad_(True)
+    u0 = log_alpha.to(device=dev, dtype=torch.float64).clamp_min(-50.0)  # a collapsed component: finite
+    theta = torch.cat([gamma0.flatten(), u0]).requires_grad_(True)
     K, r = gamma0.shape
 
     def unpack(t: Tensor) -> tuple[Tensor, Tensor]:
