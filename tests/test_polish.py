@@ -70,3 +70,17 @@ def test_bad_polish_iter_is_refused(problem, bad):
     X, truth, counts = problem
     with pytest.raises(ValueError, match="polish_iter must be an int >= 0"):
         EMFitter(3, polish_iter=bad).fit(X, counts=counts)
+
+
+def test_polish_with_a_collapsed_component_stays_finite(problem):
+    X, truth, counts = problem
+    start = sim.perturbed_start(truth, 0.3, seed=5)
+    start["alpha"] = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    fitter = EMFitter(3, init=start, max_iter=2, polish_iter=50)
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        head = fitter.fit(X, counts=counts)
+    assert torch.isfinite(head.beta).all() and torch.isfinite(torch.tensor(fitter.objective_))
+    em_only = EMFitter(3, init=start, max_iter=2)
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        em_only.fit(X, counts=counts)
+    assert fitter.objective_ >= em_only.objective_
