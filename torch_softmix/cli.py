@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.add_argument("--shards", required=True, help="folder of token shards")
     sp.add_argument("-K", "--n-components", dest="K", type=int, required=True)
-    lm = hf_defaults()
+    from .hf import LM_FIT_DEFAULTS as lm  # the fit defaults for language models
     sp.add_argument("--init", default=lm["init"], choices=["kmeans", "mom", "subspace", "random"])
     sp.add_argument("--n-init", type=int, default=lm["n_init"], help="starts, each screened by --init-max-iter")
     sp.add_argument("--init-max-iter", type=int, default=lm["init_max_iter"], help="EM iterations per start")
@@ -392,13 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
     return p
-
-
-def hf_defaults() -> dict:
-    """:data:`torch_softmix.hf.LM_FIT_DEFAULTS` (imported lazily: ``transformers`` stays optional)."""
-    from .hf import LM_FIT_DEFAULTS
-
-    return LM_FIT_DEFAULTS
 
 
 def main(argv: list[str] | None = None) -> int:
