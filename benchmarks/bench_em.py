@@ -185,7 +185,7 @@ def main() -> None:
         ("X @ beta^T", t_fwd, None),
         ("weights^T @ X", t_bwd, None),
         ("unavoidable work (sum)", t_min, 1.0),
-        (f"one EM iteration (m_step={fitter._m_step_method})", t_iter, t_iter / t_min),
+        (f"one EM iteration (m_step={fitter.m_step_})", t_iter, t_iter / t_min),
     ]
     print(f"\n{'what':<44}{'seconds':>10}{'ratio':>10}")
     for name, sec, ratio in rows:

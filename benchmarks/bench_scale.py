@@ -84,7 +84,7 @@ def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
         "L": L,
         "K": K,
         "N": N,
-        "m_step": fitter._m_step_method,
+        "m_step": fitter.m_step_,
         "t_matmul": t_matmul,
         "t_iter": t_iter,
         "passes": passes,

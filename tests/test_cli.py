@@ -133,3 +133,23 @@ def test_bad_k_is_reported(model_dir, tmp_path, capsys):
         == 2
     )
     assert "n_components" in capsys.readouterr().err
+
+
+def test_eval_with_truth_loads_the_model_once(model_dir, tmp_path, monkeypatch, capsys):
+    from torch_softmix import hf
+
+    shards, head = tmp_path / "s", tmp_path / "h.safetensors"
+    common = ["--model", model_dir, "--quiet"]
+    assert main(["sample", *common, "--prompt", "hello world", "--n-tokens", "2000", "--out", str(shards)]) == 0
+    assert main(["fit", *common, "--shards", str(shards), "-K", "1", "--n-init", "1", "--out", str(head)]) == 0
+    loads = []
+    real_load = hf.load_model
+    monkeypatch.setattr(hf, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    capsys.readouterr()
+    assert main(["eval", *common, "--head", str(head), "--shards", str(shards), "--truth", str(shards)]) == 0
+    assert len(loads) == 1
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    assert main(["generate", *common, "--head", str(head), "--prompt", "hello", "--max-new-tokens", "2"]) == 0
+    assert torch.equal(torch.get_rng_state(), state)  # generate seeds its own stream, not the caller's

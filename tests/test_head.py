@@ -36,7 +36,7 @@ def test_responsibilities_are_bayes_posteriors(small_problem):
     _, comp = _dense_reference(X, truth["alpha"], truth["beta"])
     post = torch.softmax(torch.log(truth["alpha"]) + comp, dim=1)
     tokens = torch.tensor([3, 9, 200])
-    torch.testing.assert_close(head.responsibilities(tokens), post[tokens])
+    torch.testing.assert_close(head.responsibilities(tokens=tokens), post[tokens])
     counts = torch.zeros(400, dtype=torch.long)
     counts[[9, 3, 200]] = 2
     torch.testing.assert_close(head.responsibilities(counts=counts), post[torch.tensor([3, 9, 200])])
@@ -98,3 +98,25 @@ def test_head_runs_on_each_device(device, small_problem):
     head = sim.make_head(X.to(device), truth).to(device)
     ref = sim.make_head(X, truth).log_probs()
     torch.testing.assert_close(head.log_probs().cpu(), ref)
+
+
+def test_non_finite_embedding_row_is_refused_at_construction():
+    X = torch.randn(500, 4, dtype=torch.float64)
+    X[137, 2] = float("inf")
+    with pytest.raises(ValueError, match="row 137"):
+        SoftmaxMixtureHead(X, 2)
+    head = SoftmaxMixtureHead(X, 2, validate_args=False)  # as torch.distributions: the check can be skipped
+    assert head.vocab_size == 500
+    with pytest.raises(ValueError, match="bias contains NaN"):
+        SoftmaxMixtureHead(torch.randn(50, 3), 1, torch.full((50,), float("nan")))
+
+
+def test_data_arguments_come_in_the_same_order_everywhere():
+    X = torch.randn(40, 3, dtype=torch.float64)
+    head = SoftmaxMixtureHead(X, 2, beta=torch.randn(2, 3, dtype=torch.float64))
+    counts = torch.zeros(40, dtype=torch.long)
+    counts[[3, 9, 20]] = torch.tensor([2, 1, 5])
+    post = head.responsibilities(counts)  # positional: counts, as in loglik(counts)
+    assert post.shape == (3, 2)
+    torch.testing.assert_close(post, head.responsibilities(counts=counts))
+    torch.testing.assert_close(head.loglik(counts), head.loglik(tokens=torch.tensor([3, 3, 9, 20, 20, 20, 20, 20])))

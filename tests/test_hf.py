@@ -121,3 +121,49 @@ def test_shards_from_another_model_are_refused(tiny_model, tmp_path):
     hf.sample_next_tokens(model, tok, PROMPTS[:1], 100, out_dir=tmp_path)
     with pytest.raises(ValueError, match="another model"):
         hf.counts_from_shards(tmp_path, 300, expect_fingerprint="0" * 32)
+
+
+# ---------------------------------------------------------------------- fixed bugs
+def test_shards_of_another_sampling_run_are_refused_not_mixed(tiny_model, tmp_path):
+    """Shards drawn with other prompts, weights, temperature or sizes are never read back into a new run."""
+    model, tok = tiny_model
+    first = hf.sample_next_tokens(model, tok, PROMPTS[:2], 2000, weights=[0.5, 0.5], seed=0, out_dir=tmp_path)
+    record = (tmp_path / "sampler.json").read_bytes()
+    others = [
+        dict(prompts=PROMPTS[1:3], weights=[0.5, 0.5]),
+        dict(prompts=PROMPTS[:2], weights=[0.9, 0.1]),
+        dict(prompts=PROMPTS[:2], weights=[0.5, 0.5], temperature=0.7),
+        dict(prompts=PROMPTS[:2], weights=[0.5, 0.5], n_tokens=3000),
+    ]
+    for other in others:
+        kw = {"n_tokens": 2000, "seed": 0, **other}
+        prompts, n = kw.pop("prompts"), kw.pop("n_tokens")
+        with pytest.raises(ValueError, match="another sampling run"):
+            hf.sample_next_tokens(model, tok, prompts, n, out_dir=tmp_path, **kw)
+    assert (tmp_path / "sampler.json").read_bytes() == record  # nothing overwritten
+    again = hf.sample_next_tokens(model, tok, PROMPTS[:2], 2000, weights=[0.5, 0.5], seed=0, out_dir=tmp_path)
+    assert torch.equal(again.counts.dense(), first.counts.dense())  # the same run still resumes
+
+
+def test_sampling_leaves_the_global_rng_alone(tiny_model):
+    model, tok = tiny_model
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    hf.sample_streams(model, tok, PROMPTS, n_sequences=2, max_new_tokens=3, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_save_attached_leaves_the_model_untouched(tiny_model, tmp_path):
+    model, tok = tiny_model
+    design = hf.output_design(model)
+    head = SoftmaxMixtureHead(design.X, 2, design.bias)
+    hf.attach_head(model, head)
+    try:
+        layer = model.get_output_embeddings()
+        hf.save_attached(model, tmp_path / "h.safetensors")
+        assert model.get_output_embeddings() is layer  # never detached and re-attached
+        with pytest.raises(FileNotFoundError):
+            hf.save_attached(model, tmp_path / "missing-folder" / "h.safetensors")
+        assert model.get_output_embeddings() is layer
+    finally:
+        hf.detach_head(model)

@@ -142,3 +142,13 @@ def test_invalid_moments_fall_back_to_subspace_starts(L, K, n_tokens, why):
     assert all(name.startswith("subspace") for name in fitter.init_names_) and len(fitter.init_names_) == 10
     assert torch.isfinite(head_fit.beta).all()
     assert "init_fallback" in head_fit.fit_info
+
+
+def test_seed_none_means_a_fresh_seed_as_everywhere_else():
+    X = sim.gaussian_design(3000, 6, seed=0, dtype=torch.float64)
+    truth = sim.random_mixture(3, 6, norm=2.0, separation=1.5, seed=1)
+    counts = TokenCounts.from_dense(sim.sample_counts(sim.make_head(X, truth), 50_000, seed=2))
+    fixed = [mom_estimate(X, counts, 3, method="univariate", seed=0).beta for _ in range(2)]
+    assert torch.equal(fixed[0], fixed[1])
+    fresh = [mom_estimate(X, counts, 3, method="univariate", seed=None).beta for _ in range(2)]
+    assert not torch.equal(fresh[0], fresh[1])

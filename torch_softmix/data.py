@@ -1,4 +1,4 @@
-"""Tokens -> counts: the sufficient statistics of a softmax mixture (MATH.md §2).
+"""Tokens -> counts: the sufficient statistics of a softmax mixture (docs/MATH.md §2).
 
 The log-likelihood depends on a token stream ``y_1..y_N`` only through the counts
 ``n_j = #{i : y_i = j}``. :class:`TokenCounts` keeps them sparsely (the support and the
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .validation import check_int, check_token_ids
+
 #: Tokens are counted this many at a time, so a huge stream needs no huge temporary.
 COUNT_CHUNK = 1 << 24
 
 
 def _check_vocab_size(vocab_size: int) -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int (the number of rows of the embedding), got {vocab_size!r}")
-    return vocab_size
+    return check_int("vocab_size", vocab_size)
 
 
 @dataclass(frozen=True)
@@ -105,24 +105,12 @@ class TokenCounts:
         shards = [tokens] if isinstance(tokens, Tensor) else tokens
         dense = None
         for shard in shards:
-            shard = torch.as_tensor(shard)
-            if shard.dtype.is_floating_point or shard.dtype == torch.bool or shard.is_complex():
-                raise TypeError(
-                    f"tokens must be an integer tensor of token ids, got dtype {shard.dtype}; "
-                    "convert with tokens.long() if they are whole numbers"
-                )
-            flat = shard.reshape(-1)
+            flat = torch.as_tensor(shard).reshape(-1)
             if dense is None:
                 dense = torch.zeros(vocab_size, dtype=torch.int64, device=flat.device)
+            check_token_ids(flat[:0], vocab_size)  # the dtype, even of an empty shard
             for start in range(0, flat.numel(), COUNT_CHUNK):
-                part = flat[start : start + COUNT_CHUNK].long()
-                lo, hi = int(part.min()), int(part.max())
-                if lo < 0 or hi >= vocab_size:
-                    bad = lo if lo < 0 else hi
-                    raise ValueError(
-                        f"tokens contains id {bad}, outside [0, {vocab_size}) (the embedding has {vocab_size} rows); "
-                        "were these tokens produced by a different tokenizer or model?"
-                    )
+                part = check_token_ids(flat[start : start + COUNT_CHUNK], vocab_size)
                 dense += torch.bincount(part, minlength=vocab_size).to(dense.device)
         if dense is None:
             raise ValueError("tokens is empty: pass at least one token id")

@@ -1,4 +1,4 @@
-"""SoftmaxMixtureHead: a mixture of softmaxes over a frozen output embedding (MATH.md §1).
+"""SoftmaxMixtureHead: a mixture of softmaxes over a frozen output embedding (docs/MATH.md §1).
 
     pi = sum_k alpha_k softmax(X beta_k + b)
 
@@ -22,34 +22,11 @@ from torch import Tensor, nn
 from . import kernels
 from .data import TokenCounts, as_counts
 from .io import atomic_write_bytes, embedding_fingerprint, read_head_file, write_head_file
+from .validation import check_design, check_design_finite, check_int, check_simplex, check_token_ids
 
 #: File names of the folder form (``save_pretrained`` / ``from_pretrained``).
 CONFIG_NAME = "softmix_config.json"
 WEIGHTS_NAME = "head.safetensors"
-
-
-def _check_design(embedding: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    if not isinstance(embedding, Tensor):
-        raise TypeError(
-            f"embedding must be a torch.Tensor of shape (vocab_size, hidden_size), got {type(embedding).__name__}"
-        )
-    if embedding.dim() != 2 or embedding.shape[0] < 1 or embedding.shape[1] < 1:
-        raise ValueError(
-            "embedding must be 2-D (vocab_size, hidden_size), e.g. model.lm_head.weight; "
-            f"got shape {tuple(embedding.shape)}"
-        )
-    if not embedding.dtype.is_floating_point:
-        raise TypeError(f"embedding must be a floating tensor, got dtype {embedding.dtype}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != (embedding.shape[0],):
-            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-            raise ValueError(
-                f"bias must be a tensor of shape ({embedding.shape[0]},) (one per vocabulary row), got {shape}"
-            )
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be a floating tensor, got dtype {bias.dtype}")
-        bias = bias.detach()
-    return embedding.detach(), bias
 
 
 def _param_dtype(embedding: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -69,6 +46,8 @@ class SoftmaxMixtureHead(nn.Module):
         beta: optional initial atoms ``(K, L)``. Default zeros (every component uniform over tokens).
         dtype: parameter / compute dtype; default the embedding's if float32/float64, else float32.
         chunk_size: rows of ``X`` per chunk in passes over the vocabulary (default: automatic).
+        validate_args: check that the embedding and bias are finite (one chunked pass over ``X``), as
+            ``torch.distributions`` validates its arguments; ``False`` skips the pass.
 
     Parameters: ``log_alpha (K,)``, ``beta (K, L)``. Buffers (not saved in ``state_dict``):
     ``embedding (p, L)``, ``bias (p,)`` or ``None``.
@@ -87,11 +66,13 @@ class SoftmaxMixtureHead(nn.Module):
         beta: Tensor | None = None,
         dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
-        embedding, bias = _check_design(embedding, bias)
-        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
-            raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
+        embedding, bias = check_design(embedding, bias)
+        check_int("n_components", n_components)
+        if validate_args:
+            check_design_finite(embedding, bias, chunk_size)
         p, L = embedding.shape
         dt = _param_dtype(embedding, dtype)
         dev = embedding.device
@@ -130,12 +111,7 @@ class SoftmaxMixtureHead(nn.Module):
         """Set ``alpha (K,)`` (normalised; zeros allowed) and/or ``beta (K, L)`` in place."""
         K, L = self.beta.shape
         if alpha is not None:
-            alpha = torch.as_tensor(alpha, dtype=torch.float64)
-            if alpha.shape != (K,):
-                raise ValueError(f"alpha must have shape ({K},), got {tuple(alpha.shape)}")
-            if not torch.isfinite(alpha).all() or (alpha < 0).any() or alpha.sum() <= 0:
-                raise ValueError("alpha must be finite, non-negative and not all zero")
-            self.log_alpha.copy_(torch.log(alpha / alpha.sum()))
+            self.log_alpha.copy_(torch.log(check_simplex("alpha", alpha, K)))
         if beta is not None:
             beta = torch.as_tensor(beta)
             if beta.shape != (K, L):
@@ -153,14 +129,7 @@ class SoftmaxMixtureHead(nn.Module):
         return kernels.log_normalizer(self.embedding, self.beta, self.bias, self.chunk_size)
 
     def _tokens(self, tokens: Tensor) -> Tensor:
-        tokens = torch.as_tensor(tokens, device=self.embedding.device)
-        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise TypeError(f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(
-                f"tokens must lie in [0, {self.vocab_size}), got ids in [{int(tokens.min())}, {int(tokens.max())}]"
-            )
-        return tokens.long()
+        return check_token_ids(tokens, self.vocab_size, device=self.embedding.device)
 
     def component_log_probs(self, tokens: Tensor | None = None) -> Tensor:
         """``log s_k(j)`` for each component: ``(*tokens.shape, K)``; ``(p, K)`` when ``tokens`` is None.
@@ -186,11 +155,12 @@ class SoftmaxMixtureHead(nn.Module):
         """The full log law ``log pi``: ``(p,)``."""
         return torch.logsumexp(self._joint(None), dim=-1)
 
-    def responsibilities(self, tokens: Tensor | None = None, *, counts: Tensor | TokenCounts | None = None) -> Tensor:
+    def responsibilities(self, counts: Tensor | TokenCounts | None = None, *, tokens: Tensor | None = None) -> Tensor:
         """Posterior component probabilities ``gamma_jk``.
 
-        With ``tokens`` (any shape): ``(*tokens.shape, K)``. With ``counts`` (``(p,)`` or
-        :class:`TokenCounts`): ``(S, K)`` on the support ``S`` of the counts (sorted ids).
+        With ``counts`` (``(p,)`` or :class:`TokenCounts`): ``(S, K)`` on the support ``S`` of the
+        counts (sorted ids). With ``tokens=`` (any shape): ``(*tokens.shape, K)``. The data arguments
+        come in the same order as in :meth:`loglik`.
         """
         if counts is not None:
             if tokens is not None:
@@ -202,12 +172,12 @@ class SoftmaxMixtureHead(nn.Module):
 
     @torch.no_grad()
     def loglik(self, counts: Tensor | TokenCounts | None = None, *, tokens: Tensor | None = None) -> Tensor:
-        """``sum_j n_j log pi_j`` (float64 scalar) for counts ``(p,)`` / :class:`TokenCounts`, or tokens."""
+        """``sum_j n_j log pi_j`` (float64 scalar) for counts ``(p,)`` / :class:`TokenCounts`, or ``tokens=``."""
         c = as_counts(tokens, counts, self.vocab_size).to(self.embedding.device)
         stats = kernels.e_step(
             self.embedding,
             self.beta,
-            self.log_alpha.log_softmax(0),
+            self.log_alpha.double().log_softmax(0),
             self.log_normalizers(),
             c.support,
             c.values,
@@ -229,8 +199,7 @@ class SoftmaxMixtureHead(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` token ids ``(n,)`` int64 from ``pi`` (with replacement)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        check_int("n", n, 0)
         probs = self.log_probs().double().exp()
         if generator is not None and generator.device != probs.device:
             probs = probs.to(generator.device)
@@ -326,7 +295,7 @@ class SoftmaxMixtureHead(nn.Module):
         (pass ``check_embedding=False`` to load anyway, e.g. onto a re-quantised copy).
         """
         tensors, meta = read_head_file(path)
-        embedding, bias = _check_design(embedding, bias)
+        embedding, bias = check_design(embedding, bias)
         beta, log_alpha = tensors["beta"], tensors["log_alpha"]
         p, L = embedding.shape
         if beta.dim() != 2 or log_alpha.shape != (beta.shape[0],):

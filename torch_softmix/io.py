@@ -156,6 +156,18 @@ def read_shard(path: str | os.PathLike, expect_fingerprint: str | None = None) -
     return tokens.long(), meta
 
 
+def read_shard_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a token shard, without reading its tokens."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable token shard (truncated or corrupt?): {err}") from err
+    if meta.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a torch_softmix token shard (metadata format={meta.get('format')!r})")
+    return meta
+
+
 CHECKPOINT_FORMAT = "torch_softmix.checkpoint"
 CHECKPOINT_VERSION = 1
 

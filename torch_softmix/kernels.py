@@ -1,11 +1,11 @@
-"""Chunked passes over the design: where the formulas of MATH.md §1–§3 are evaluated.
+"""Chunked passes over the design: where the formulas of docs/MATH.md §1–§3 are evaluated.
 
 Every pass walks the vocabulary (the ``p`` rows of ``X``) in chunks, casting one chunk at a time
 to the compute dtype (so a half-precision embedding is never copied whole), and nothing of size
 ``K × p × L`` is ever built: the largest objects are ``(p, K)`` (logits, weights) and one chunk.
 Logits, log-normalisers and likelihoods are kept in float64.
 
-Names follow MATH.md: ``X (p, L)``, ``b (p,)``, ``beta (K, L)``, ``log_alpha (K,)``, ``A(beta) (K,)``,
+Names follow docs/MATH.md: ``X (p, L)``, ``b (p,)``, ``beta (K, L)``, ``log_alpha (K,)``, ``A(beta) (K,)``,
 ``s_k = softmax(X beta_k + b)``, ``m(beta) = X^T s (K, L)``, ``C(beta) = X^T diag(s) X - m m^T (K, L, L)``.
 """
 
@@ -107,7 +107,7 @@ def covariance_diagonal(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None 
 def covariance_matvec(X: Tensor, s: Tensor, m: Tensor, V: Tensor, chunk_size: int | None = None) -> Tensor:
     """``C_k v_k = X^T (s_k * (X v_k)) - m_k (m_k . v_k)`` for every ``k``: ``(K, L)``.
 
-    Two products over ``X`` per call and no ``L x L`` matrix (MATH.md §3, Newton-CG).
+    Two products over ``X`` per call and no ``L x L`` matrix (docs/MATH.md §3, Newton-CG).
     """
     out = torch.zeros_like(V)
     for start, stop, Xc in row_chunks(X, None, V.dtype, chunk_size):
@@ -145,7 +145,7 @@ def log_normalizer(X: Tensor, beta: Tensor, bias: Tensor | None = None, chunk_si
 
 @dataclass
 class EStepStats:
-    """Sufficient statistics of one E-step (MATH.md §3).
+    """Sufficient statistics of one E-step (docs/MATH.md §3).
 
     ``loglik`` float64 scalar ``sum_j n_j log pi_j``; ``W (K,)`` float64 ``sum_j n_j gamma_jk``;
     ``S1 (K, L)`` ``sum_j n_j gamma_jk x_j`` (so ``mu_k = S1_k / W_k``).

@@ -1,4 +1,4 @@
-"""Latent moments of the mixing measure and method-of-moments (MoM) starts (MATH.md §4).
+"""Latent moments of the mixing measure and method-of-moments (MoM) starts (docs/MATH.md §5).
 
 Whiten the design, ``z_j = S^{-1/2} (x_j - xbar)``; then ``softmax(X beta) = softmax(Z gamma)``
 with ``gamma = S^{1/2} beta``, and the frequency-weighted rows behave like a Gaussian location
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .data import TokenCounts
 from .kernels import row_chunks
+from .validation import make_generator
 
 #: Eigenvalues of the design covariance below this fraction of the largest are treated as zero.
 RANK_RTOL = 1e-8
@@ -370,11 +371,12 @@ def mom_estimate(
     moments: LatentMoments | None = None,
     seed: int | torch.Generator | None = 0,
 ) -> MoMResult:
-    """The MoM estimate of ``(alpha, beta)`` from counts (MATH.md §4); never raises on bad moments.
+    """The MoM estimate of ``(alpha, beta)`` from counts (docs/MATH.md §5); never raises on bad moments.
 
     Args:
         X: design ``(p, L)``; counts: :class:`TokenCounts` over its ``p`` rows.
         method: ``"tensor"`` (third moment, Jennrich) or ``"univariate"`` (the paper's Hermite route).
+        seed: an int, a ``torch.Generator``, or ``None`` for a fresh seed (not reproducible).
     Returns:
         :class:`MoMResult` with ``ok=False`` and a ``reason`` when the moments are unusable
         (``K`` above the usable rank, too few tokens, non-positive or complex solutions).
@@ -382,7 +384,7 @@ def mom_estimate(
     if method not in ("tensor", "univariate"):
         raise ValueError(f"method must be 'tensor' or 'univariate', got {method!r}")
     K = n_components
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(0 if seed is None else seed)
+    gen = make_generator(seed)  # None: a fresh seed, as everywhere in the library
     whitening = whitening if whitening is not None else Whitening.from_design(X)
     moments = moments if moments is not None else latent_moments(X, counts, whitening)
     reason = _validate_subspace(moments, K)

@@ -1,4 +1,4 @@
-"""The M-step for the atoms: a ridge-penalised weighted softmax regression (MATH.md §3).
+"""The M-step for the atoms: a ridge-penalised weighted softmax regression (docs/MATH.md §3).
 
 For each component ``k``, with ``W_k = sum_j n_j gamma_jk`` and ``S1_k = sum_j n_j gamma_jk x_j``
 (so ``mu_k = S1_k / W_k``), maximise the concave objective
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .objective import atom_gradient
 
 #: Armijo constant of the sufficient-increase test.
 ARMIJO = 1e-4
@@ -40,15 +41,13 @@ AUTO_NEWTON_MAX_L = 64
 
 
 def m_objective(beta: Tensor, A: Tensor, W: Tensor, S1: Tensor, lam: float) -> Tensor:
-    """``f_k(beta_k)`` for every component: ``(K,)`` float64."""
+    """``f_k(beta_k)`` for every component: ``(K,)`` float64 (the M-step's surrogate, one per component)."""
     b = beta.to(torch.float64)
     return (S1.to(torch.float64) * b).sum(1) - W * A - 0.5 * lam * (b * b).sum(1)
 
 
-def m_gradient(beta: Tensor, m: Tensor, W: Tensor, S1: Tensor, lam: float) -> Tensor:
-    """``g_k = S1_k - W_k m(beta_k) - lam beta_k``: ``(K, L)`` float64."""
-    b = beta.to(torch.float64)
-    return S1.to(torch.float64) - W[:, None] * m.to(torch.float64) - lam * b
+#: ``g_k = S1_k - W_k m(beta_k) - lam beta_k`` (:func:`torch_softmix.objective.atom_gradient`).
+m_gradient = atom_gradient
 
 
 def m_hessian(C: Tensor, W: Tensor, lam: float) -> Tensor:
@@ -77,6 +76,17 @@ class AtomState:
         beta = beta.to(device=X.device, dtype=dtype).to(torch.float64)  # representable in the compute dtype
         lg = kernels.logits(X, beta, bias, dtype=dtype, chunk_size=chunk_size)
         return cls(beta, lg, kernels.log_normalizer_from_logits(lg))
+
+    def moved_to(self, X: Tensor, beta: Tensor, dtype: torch.dtype, chunk_size: int | None = None) -> AtomState:
+        """The state at ``beta (K, L)``, its logits updated from these by ``X (beta - self.beta)^T``.
+
+        One pass over ``X``, like :meth:`from_beta`, but the new logits carry the same rounding history as
+        the old ones, so objectives of the two states compare exactly (SQUAREM's acceptance test).
+        """
+        beta = beta.to(device=X.device, dtype=dtype).to(torch.float64)
+        step = (beta - self.beta).to(dtype)
+        lg = self.logits + kernels.project(X, step, chunk_size=chunk_size).to(torch.float64)
+        return AtomState(beta, lg, kernels.log_normalizer_from_logits(lg))
 
 
 def newton_direction(g: Tensor, H: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Quasi-Newton polish of the marginal (observed-data) likelihood, after EM.
 
-EM's rate is the fraction of missing information (MATH.md §3). Where components share tokens — on LM
+EM's rate is the fraction of missing information (docs/MATH.md §4). Where components share tokens — on LM
 next-token mixtures, a function word such as " the" carried by two prompts' laws — that fraction is close
 to one along a few directions and EM creeps: thousands of iterations, each gaining ~1e-6 nats per token.
 L-BFGS on the penalised marginal objective
@@ -21,14 +21,17 @@ is too coarse for a line search at gains of 1e-7 per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from . import kernels
 from .data import TokenCounts
 from .moments import Whitening
+from .objective import marginal_objective
+
+__all__ = ["PolishResult", "marginal_objective", "polish"]
 
 
 @dataclass
@@ -47,33 +50,6 @@ class PolishResult:
     converged: bool = False
 
 
-def marginal_objective(
-    X: Tensor,
-    counts: TokenCounts,
-    beta: Tensor,
-    u: Tensor,
-    lam: float,
-    bias: Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[float, float, Tensor, Tensor]:
-    """``F`` (penalised, total), the log-likelihood (total) and the gradients ``dF/dbeta (K, L)``,
-    ``dF/du (K,)`` at atoms ``beta (K, L)`` and weight logits ``u (K,)`` (``alpha = softmax(u)``), float64.
-
-    Two passes over ``X``: the logits and the softmax means ``m(beta_k)``; the E-step runs on the support.
-    """
-    lg = kernels.logits(X, beta, bias, dtype=torch.float64, chunk_size=chunk_size)  # (p, K)
-    A = kernels.log_normalizer_from_logits(lg)
-    log_alpha = torch.log_softmax(u, 0)
-    stats = kernels.e_step_from_logits(
-        X, lg.index_select(0, counts.support), log_alpha, A, counts.support, counts.values, torch.float64, chunk_size
-    )
-    m = kernels.weighted_sum(X, kernels.probs_from_logits(lg, A, torch.float64), chunk_size=chunk_size)
-    F = float(stats.loglik) - 0.5 * lam * float((beta * beta).sum())
-    g_beta = stats.S1 - stats.W[:, None] * m - lam * beta
-    g_u = stats.W - counts.total * log_alpha.exp()
-    return F, float(stats.loglik), g_beta, g_u
-
-
 def polish(
     X: Tensor,
     counts: TokenCounts,
@@ -87,6 +63,7 @@ def polish(
     tol: float = 1e-10,
     history_size: int = 30,
     chunk_size: int | None = None,
+    on_iteration: Callable[[int, float], None] | None = None,
 ) -> PolishResult:
     """L-BFGS (strong Wolfe line search) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
 
@@ -94,7 +71,8 @@ def polish(
     ``tol``. Returns the best point evaluated, so never one worse than the first: the start with its atoms
     projected on the directions the whitening keeps (all of them for a full-rank design; dropped ones
     carry less than 1e-8 of the largest variance). :class:`~torch_softmix.em.EMFitter` keeps the result
-    only if it beats EM's own final objective.
+    only if it beats EM's own final objective. ``on_iteration(n_iter, best_objective_per_token)`` is called
+    after each function evaluation (progress bars).
     """
     N = counts.total
     dev = X.device
@@ -121,6 +99,8 @@ def polish(
             if not best or F > best["F"]:
                 best.update(F=F, ll=ll, theta=theta.detach().clone())
             trace.append(best["F"] / N)
+            if on_iteration is not None:
+                on_iteration(int(opt.state[theta].get("n_iter", 0)) if opt.state else 0, best["F"] / N)
         return torch.tensor(-F / N, dtype=torch.float64)
 
     max_eval = int(max_iter * 1.25) + 10

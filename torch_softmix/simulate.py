@@ -1,8 +1,6 @@
-"""Synthetic designs and truths, sampling, and the evaluation metrics of MATH.md §6."""
+"""Synthetic designs and truths, sampling, and the evaluation metrics of docs/MATH.md §7."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -10,12 +8,28 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .head import SoftmaxMixtureHead
+from .objective import information_criteria, n_parameters
+from .validation import make_generator
+
+__all__ = [
+    "atom_errors",
+    "evaluate",
+    "gaussian_design",
+    "information_criteria",  # re-exported: the formula lives in torch_softmix.objective
+    "kl_divergence",
+    "make_head",
+    "match_components",
+    "n_parameters",
+    "perturbed_start",
+    "random_mixture",
+    "sample_counts",
+    "tv_distance",
+    "weight_error",
+]
 
 
 def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
-    gen.manual_seed(torch.seed() if seed is None else int(seed))
-    return gen
+    return make_generator(seed)
 
 
 def gaussian_design(
@@ -159,12 +173,3 @@ def evaluate(fitted: SoftmaxMixtureHead, truth: SoftmaxMixtureHead) -> dict[str,
     }
 
 
-def n_parameters(n_components: int, hidden_size: int) -> int:
-    """Free parameters ``K (L + 1) - 1`` (MATH.md §6)."""
-    return n_components * (hidden_size + 1) - 1
-
-
-def information_criteria(loglik: float, n_components: int, hidden_size: int, n_tokens: float) -> dict[str, float]:
-    """BIC and AIC from a total log-likelihood (lower is better)."""
-    k = n_parameters(n_components, hidden_size)
-    return {"bic": -2 * loglik + k * math.log(n_tokens), "aic": -2 * loglik + 2 * k}

@@ -1,24 +1,43 @@
-"""Data-driven starts for EM that do not rely on the Gaussian-design identity of MATH.md §4.
+"""Where EM starts: one registry of start makers, each with the same signature (docs/MATH.md §4).
 
-``random_start``: atoms ``N(0, I / tr(Cov X))``, uniform weights.
+    starts, info = make_starts("kmeans", StartRequest(design, counts, n_components=4, n_init=6, generator=gen))
 
-``kmeans_start`` (as scikit-learn's ``GaussianMixture(init_params="kmeans")``): cluster the most
-frequent tokens' whitened embeddings by count-weighted spherical k-means (k-means++ seeding), then
-give each cluster the atom whose softmax matches the cluster's mean embedding (a few Newton steps of
-the M-step with hard responsibilities). Real output embeddings are far from Gaussian, and a peaked next-token law
-puts its mass on a few tokens that point the same way; clusters of seen tokens find them.
+Each maker takes a :class:`StartRequest` and returns a list of :class:`Start` (a name, weights
+``alpha (K,)`` and atoms ``beta (K, L)``, float64) and a dict of diagnostics:
+
+* ``"mom"``: the method-of-moments estimate from latent moments, plus ``n_init - 1`` subspace starts;
+  when the moments are unusable it falls back to ``max(n_init, 10)`` subspace starts (warned, and
+  the reason is in the diagnostics).
+* ``"subspace"``: random atoms inside the top-``K`` eigenspace of the second latent moment.
+* ``"kmeans"``: count-weighted spherical k-means of the most frequent tokens' whitened embeddings,
+  each cluster given its moment-matched atom (as scikit-learn's ``GaussianMixture(init_params="kmeans")``).
+* ``"random"``: atoms ``N(0, I / tr(Cov X))``, uniform weights.
+
+A head or a dict ``{"alpha", "beta"}`` given as the start is checked by :func:`given_start`.
+New makers are added with :func:`register_start`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import kernels
 from .data import TokenCounts
+from .design import Design
+from .moments import latent_moments, mom_estimate, subspace_starts
 from .mstep import AtomState, newton_m_step
+from .validation import check_finite, check_simplex
+
+MOM_METHODS = ("tensor", "univariate")
+#: Subspace starts used when the MoM estimate is unusable and fewer starts were asked for.
+FALLBACK_STARTS = 10
 
 
 def random_start(X: Tensor, n_components: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -100,3 +119,117 @@ def kmeans_start(
         )
     alpha = (W + 1e-12) / (W.sum() + K * 1e-12)
     return alpha, state.beta
+
+
+# ---------------------------------------------------------------------- the registry
+@dataclass
+class Start:
+    """One start: a name (``"mom"``, ``"kmeans-2"``, ...), ``alpha (K,)`` and ``beta (K, L)`` in float64."""
+
+    name: str
+    alpha: Tensor
+    beta: Tensor
+
+
+@dataclass
+class StartRequest:
+    """What every start maker receives."""
+
+    design: Design
+    counts: TokenCounts
+    n_components: int
+    n_init: int
+    generator: torch.Generator
+    dtype: torch.dtype = torch.float64
+    ridge: float = 1e-6
+    mom_method: str = "tensor"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+StartMaker = Callable[[StartRequest], tuple[list[Start], dict]]
+STARTS: dict[str, StartMaker] = {}
+
+
+def register_start(name: str) -> Callable[[StartMaker], StartMaker]:
+    """Register ``maker(request) -> (starts, info)`` under ``name`` (usable as ``EMFitter(init=name)``)."""
+
+    def decorate(maker: StartMaker) -> StartMaker:
+        STARTS[name] = maker
+        return maker
+
+    return decorate
+
+
+def make_starts(kind: str, request: StartRequest) -> tuple[list[Start], dict]:
+    """The starts ``kind`` makes for ``request``; ``kind`` must be a registered name."""
+    if kind not in STARTS:
+        raise ValueError(f"init must be one of {tuple(STARTS)}, a SoftmaxMixtureHead or a dict; got {kind!r}")
+    return STARTS[kind](request)
+
+
+def given_start(init: Any, n_components: int, hidden_size: int) -> Start:
+    """A start given by the user: a head (anything with ``alpha`` and ``beta``) or ``{"alpha", "beta"}``."""
+    if isinstance(init, dict):
+        missing = {"alpha", "beta"} - set(init)
+        if missing:
+            raise ValueError(f"init dict lacks {sorted(missing)}; give 'alpha' (K,) and 'beta' (K, L)")
+        alpha, beta = init["alpha"], init["beta"]
+    else:
+        alpha, beta = init.alpha, init.beta
+    K, L = n_components, hidden_size
+    alpha = torch.as_tensor(alpha).detach().to(torch.float64)
+    beta = torch.as_tensor(beta).detach().to(torch.float64)
+    if alpha.shape != (K,) or beta.shape != (K, L):
+        raise ValueError(
+            f"init must hold alpha of shape ({K},) and beta of shape ({K}, {L}); "
+            f"got {tuple(alpha.shape)} and {tuple(beta.shape)}"
+        )
+    alpha = check_simplex("init alpha", alpha, K)
+    check_finite("init beta", beta)
+    return Start("given", alpha, beta)
+
+
+@register_start("random")
+def _random_starts(req: StartRequest) -> tuple[list[Start], dict]:
+    starts = [random_start(req.design.X, req.n_components, req.generator) for _ in range(req.n_init)]
+    return [Start(f"random-{i}", a, b) for i, (a, b) in enumerate(starts)], {}
+
+
+@register_start("kmeans")
+def _kmeans_starts(req: StartRequest) -> tuple[list[Start], dict]:
+    d = req.design
+    kw = dict(whitening=d.whitening, bias=d.bias, ridge=req.ridge, dtype=req.dtype, chunk_size=d.chunk_size)
+    starts = [kmeans_start(d.X, req.counts, req.n_components, req.generator, **kw) for _ in range(req.n_init)]
+    return [Start(f"kmeans-{i}", a, b) for i, (a, b) in enumerate(starts)], {}
+
+
+def _subspace(req: StartRequest, moments, n: int) -> list[Start]:
+    subs = subspace_starts(moments, req.design.whitening, req.n_components, n, req.generator)
+    return [Start(f"subspace-{i}", a, b) for i, (a, b) in enumerate(subs)]
+
+
+@register_start("subspace")
+def _subspace_starts(req: StartRequest) -> tuple[list[Start], dict]:
+    d = req.design
+    return _subspace(req, latent_moments(d.X, req.counts, d.whitening, d.chunk_size), req.n_init), {}
+
+
+@register_start("mom")
+def _mom_starts(req: StartRequest) -> tuple[list[Start], dict]:
+    d = req.design
+    moments = latent_moments(d.X, req.counts, d.whitening, d.chunk_size)
+    mom = mom_estimate(
+        d.X,
+        req.counts,
+        req.n_components,
+        method=req.mom_method,
+        whitening=d.whitening,
+        moments=moments,
+        seed=req.generator,
+    )
+    info: dict[str, Any] = {"mom_method": req.mom_method, "mom": mom}
+    if mom.ok:
+        return [Start("mom", mom.alpha, mom.beta), *_subspace(req, moments, req.n_init - 1)], info
+    info["fallback"] = f"MoM unusable ({mom.reason}); used subspace starts"
+    warnings.warn(f"init='mom': {info['fallback']}", RuntimeWarning, stacklevel=4)
+    return _subspace(req, moments, max(req.n_init, FALLBACK_STARTS)), info

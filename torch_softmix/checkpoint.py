@@ -1,0 +1,99 @@
+"""Fit checkpoints: what identifies a fit, writing its state as it runs, and resuming it (docs/format.md).
+
+A checkpoint is keyed by everything that changes the result: the design *and* its bias (fingerprint),
+the counts (sha256 of support and values), the compute dtype and every setting that shapes the path
+of the fit (start, number of starts, screening length, seed, ridge, tolerance, M-step, accelerator).
+A checkpoint whose key differs is refused, never silently resumed. The fitter reads it *before*
+computing starts: a resumed fit does not redo them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import FitProblem, Point, State
+from .io import read_checkpoint, write_checkpoint
+from .mstep import AtomState
+
+
+def counts_digest(problem: FitProblem) -> str:
+    digest = hashlib.sha256()
+    digest.update(problem.counts.support.cpu().numpy().tobytes())
+    digest.update(problem.counts.values.cpu().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def start_digest(alpha: Tensor, beta: Tensor) -> str:
+    """A digest of a given start (``init=`` a head or a dict), so that another start is another fit."""
+    digest = hashlib.sha256()
+    for t in (alpha, beta):
+        digest.update(t.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_key(problem: FitProblem, settings: dict[str, Any]) -> dict[str, str]:
+    """What a checkpoint must match to be resumed (all values are strings)."""
+    shaped = {
+        **settings,
+        "ridge": problem.ridge,
+        "tol": problem.tol,
+        "m_step": problem.m_step,
+        "m_step_iter": problem.m_step_iter,
+        "cg_max_iter": problem.cg_max_iter,
+        "cg_rtol": problem.cg_rtol,
+    }
+    return {
+        "embedding_fingerprint": problem.design.fingerprint,
+        "counts_sha256": counts_digest(problem),
+        "settings": json.dumps(shaped, sort_keys=True, default=str),
+        "dtype": str(problem.dtype),
+    }
+
+
+class Checkpointer:
+    """A run callback that writes the state atomically every ``every`` EM iterations.
+
+    ``extra`` (a dict, read at each write) is stored with the state: the fitter records there what the
+    screening of its starts found, so a resumed fit reports the same starts.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: dict[str, str], every: int, extra: dict | None = None) -> None:
+        self.path, self.key, self.every = os.fspath(path), key, every
+        self.extra = extra if extra is not None else {}
+        self.last_written = -1
+        self.n_written = 0
+
+    def __call__(self, point: Point, history: list[dict], n_iter: int) -> bool:
+        """Write the state if ``every`` iterations have passed since the last write; returns whether it wrote."""
+        if self.last_written >= 0 and n_iter - self.last_written < self.every:
+            return False
+        self.last_written = n_iter
+        atoms = point.state.atoms
+        tensors = {"log_alpha": point.state.log_alpha, "beta": atoms.beta, "logits": atoms.logits, "A": atoms.A}
+        write_checkpoint(self.path, tensors, {**self.key, "n_maps": n_iter, "history": history, **self.extra})
+        self.n_written += 1
+        return True
+
+
+def resume(path: str | os.PathLike, key: dict[str, str], device: torch.device) -> tuple[State, dict] | None:
+    """The saved state and metadata (``n_maps``, ``history``, what the fitter stored) if ``path`` exists.
+
+    Raises ``ValueError`` when the file belongs to another fit (its key differs) or is not a checkpoint.
+    """
+    if not os.path.exists(path):
+        return None
+    tensors, meta = read_checkpoint(path)
+    for name, value in key.items():
+        if meta.get(name) != value:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} belongs to another fit ({name} differs); delete it or pass "
+                "another checkpoint path"
+            )
+    t = {k: v.to(device) for k, v in tensors.items()}
+    return State(t["log_alpha"], AtomState(t["beta"], t["logits"], t["A"])), meta

@@ -1,0 +1,180 @@
+"""From starts to the final point: screening, the continued run, resuming, and the L-BFGS phase.
+
+:class:`~torch_softmix.em.EMFitter` decides *what* to fit; this module decides *how the search goes*
+once the problem and the starts exist:
+
+1. :func:`screen_and_continue`: every start runs ``init_max_iter`` EM iterations (or, unscreened, to
+   convergence); the start with the best objective continues for ``max_iter`` more.
+2. :func:`resume_run`: the same continuation from a checkpoint's state.
+3. :func:`polish_phase`: L-BFGS on the marginal likelihood from EM's point, kept only when not worse.
+
+Each phase reports through one run callback (:func:`run_callback`): progress bar, checkpoint, user's
+``FitEvent`` callback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpointer
+from .engine import FitProblem, Point, RunResult, State, run
+from .polish import polish
+from .progress import Bars
+from .starts import Start
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long each phase may run: EM iterations of the screening and of the continued run, the
+    accelerator, and L-BFGS iterations (0: no L-BFGS phase)."""
+
+    max_iter: int
+    init_max_iter: int | None = 10
+    accelerate: str | None = "squarem"
+    polish_iter: int = 0
+
+
+@dataclass
+class FitEvent:
+    """What a ``fit(callback=...)`` receives after every accepted EM iterate."""
+
+    phase: str  # "screening" or "em"
+    start: str
+    n_iter: int
+    loglik: float
+    objective: float
+    checkpoint_written: bool = False
+    history: list[dict] = field(default_factory=list, repr=False)
+
+
+def run_callback(phase: str, start: str, bar, ckpt: Checkpointer | None, user: Callable | None, n_done: int = 0):
+    """The callback of one run: advance the bar, write the checkpoint when due, call the user's callback."""
+    shown = [n_done]
+
+    def on_point(point: Point, history: list[dict], n_iter: int) -> None:
+        if bar is not None:
+            bar.update(n_iter - shown[0])
+            shown[0] = n_iter
+            bar.set_postfix(loglik=f"{point.loglik:.6f}", start=start)
+        written = ckpt(point, history, n_iter) if ckpt is not None else False
+        if user is not None:
+            user(FitEvent(phase, start, n_iter, point.loglik, point.objective, bool(written), history))
+
+    return on_point
+
+
+def _record(starts: list[Start], results: list[RunResult], best: int, info: dict, screen_iters: int) -> dict:
+    return {
+        "init_names": [s.name for s in starts],
+        "init_results": [r.point.objective for r in results],
+        "init_logliks": [r.point.loglik for r in results],
+        "best_init": best,
+        "init_info": info,
+        "screen_iters": screen_iters,
+    }
+
+
+def _saved(record: dict) -> dict:
+    """The part of a record a checkpoint keeps (so a resumed fit reports the same starts)."""
+    return {k: v for k, v in record.items() if k != "init_info"}
+
+
+def screen_and_continue(
+    problem: FitProblem, starts: list[Start], info: dict, sched: Schedule, bars: Bars, ckpt, user
+) -> tuple[RunResult, dict]:
+    """Run every start (screened when there are several and ``init_max_iter`` is set), continue the best.
+
+    Returns the final run and a record of the starts (names, objectives, log-likelihoods, the best).
+    A checkpoint covers the single start, or the run continued after screening.
+    """
+    screen = sched.init_max_iter is not None and len(starts) > 1
+    iters = sched.init_max_iter if screen else sched.max_iter
+    if len(starts) == 1 and ckpt is not None:
+        ckpt.extra.update(init_names=[starts[0].name], screen_iters=0)
+    bar = bars.open(f"screening {len(starts)} starts" if screen else "EM", iters * (len(starts) if screen else 1))
+    results = []
+    for s in starts:
+        cb = run_callback("screening" if screen else "em", s.name, bar, ckpt if len(starts) == 1 else None, user)
+        point = problem.evaluate(problem.state(s.alpha, s.beta))
+        results.append(run(problem, point, iters, accelerate=sched.accelerate, callback=cb))
+    best = max(range(len(results)), key=lambda i: results[i].point.objective)
+    result = results[best]
+    record = _record(starts, results, best, info, result.n_iter if screen else 0)
+    if not screen:
+        return result, record
+    if ckpt is not None:
+        ckpt.extra.update(_saved(record))
+    cb = run_callback("em", starts[best].name, bars.open("EM", sched.max_iter), ckpt, user, result.n_iter)
+    limit = result.n_iter + sched.max_iter
+    final = run(
+        problem, result.point, limit, accelerate=sched.accelerate, history=result.history, n_done=result.n_iter,
+        callback=cb,
+    )  # fmt: skip
+    return final, record
+
+
+def resume_run(
+    problem: FitProblem, saved: tuple[State, dict], sched: Schedule, bars: Bars, ckpt: Checkpointer, user
+) -> tuple[RunResult, dict]:
+    """Continue a checkpointed run to the same end as the uninterrupted fit."""
+    state, meta = saved
+    names = meta.get("init_names") or ["resumed"]
+    record = {
+        "init_names": names,
+        "init_results": meta.get("init_results") or [float("nan")],
+        "init_logliks": meta.get("init_logliks") or [float("nan")],
+        "best_init": meta.get("best_init") or 0,
+        "init_info": {"resumed": True},
+        "screen_iters": int(meta.get("screen_iters", 0)),
+    }
+    ckpt.extra.update(_saved(record))
+    n_done = int(meta["n_maps"])
+    bar = bars.open("EM (resumed)", sched.max_iter)
+    cb = run_callback("em", names[record["best_init"]], bar, ckpt, user, n_done)
+    limit = record["screen_iters"] + sched.max_iter
+    result = run(
+        problem, problem.evaluate(state), limit, accelerate=sched.accelerate, history=meta["history"],
+        n_done=n_done, callback=cb,
+    )  # fmt: skip
+    return result, record
+
+
+def polish_phase(problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars) -> tuple[RunResult, dict]:
+    """L-BFGS from EM's final point; the polished point is kept only if its objective is at least EM's.
+
+    Returns the run (its ``stop`` becomes ``"polish_tol"`` / ``"polish_max_iter"`` when the polish is kept
+    and EM had not converged) and what the phase did.
+    """
+    t0 = time.perf_counter()
+    bar = bars.open("L-BFGS", sched.polish_iter)
+
+    def on_iteration(n_iter: int, objective: float) -> None:
+        if bar is not None:
+            bar.update(n_iter - bar.n)
+            bar.set_postfix(objective=f"{objective:.8f}")
+
+    st = result.state
+    pr = polish(
+        problem.X, problem.counts, st.beta, st.log_alpha, problem.lam, problem.design.whitening, bias=problem.bias,
+        max_iter=sched.polish_iter, tol=problem.tol, chunk_size=problem.chunk_size, on_iteration=on_iteration,
+    )  # fmt: skip
+    point = problem.evaluate(problem.state(pr.log_alpha.exp(), pr.beta))
+    kept = point.objective >= result.point.objective
+    info = {
+        "n_iter": pr.n_iter,
+        "n_evals": pr.n_evals,
+        "converged": pr.converged,
+        "kept": kept,
+        "objective_before": result.point.objective,
+        "objective_after": point.objective,
+        "seconds": time.perf_counter() - t0,
+    }
+    entry = {"iter": result.n_iter, "loglik": point.loglik, "objective": point.objective, "phase": "polish"}
+    result.history.append({**entry, "time": result.history[-1]["time"] + info["seconds"], "polish_iter": pr.n_iter,
+                           "polish_evals": pr.n_evals})  # fmt: skip
+    if not kept:
+        return result, info
+    stop = "tol" if result.converged else ("polish_tol" if pr.converged else "polish_max_iter")
+    return RunResult(point, result.history, result.n_iter, stop), info
