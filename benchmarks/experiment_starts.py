@@ -28,7 +28,8 @@ import torch
 
 from torch_softmix import EMFitter, TokenCounts
 from torch_softmix import simulate as sim
-from torch_softmix.moments import Whitening, mom_estimate
+from torch_softmix.mom import mom_estimate
+from torch_softmix.moments import Whitening
 
 METHODS = [
     "mom_tensor",

@@ -6,7 +6,8 @@ import torch
 
 from torch_softmix import EMFitter, TokenCounts
 from torch_softmix import simulate as sim
-from torch_softmix.moments import Whitening, hermite_moments, latent_moments, mom_estimate
+from torch_softmix.mom import mom_estimate
+from torch_softmix.moments import Whitening, hermite_moments, latent_moments
 
 
 def _truth_latent(truth, whitening):

@@ -167,6 +167,45 @@ class MStepInfo:
     passes: int = 0
 
 
+def _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info: MStepInfo) -> Tensor:
+    """The Newton direction ``(W C + lam I)^{-1} g`` per component, exactly or by CG; counts its passes."""
+    if method == "newton":
+        C = kernels.covariance(X, s, m, chunk_size)
+        info.passes += 1
+        return newton_direction(g, m_hessian(C, W, lam))
+    d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size)
+    info.cg_iters += n_cg
+    info.passes += 1 + 2 * n_cg
+    return d
+
+
+def armijo_steps(
+    log_s: Tensor, XD: Tensor, slope: Tensor, active: Tensor, S1d: Tensor, bd: Tensor, dd: Tensor, W: Tensor, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Backtracking on the cached logits: the step size ``t (K,)`` (0 where none passes) and ``A(beta + t d) - A(beta)``.
+
+    ``log_s (p, K)`` are the current log-laws, ``XD = X d^T``; the gain of ``f_k`` at ``t`` is
+    ``t S1.d - W [A(beta + t d) - A(beta)] - lam (t beta.d + t^2 |d|^2 / 2)``, the change of ``A`` being
+    ``logsumexp_j (log s_j + t x_j.d)``: ``O(pK)`` per trial, exact relative to the change.
+    """
+    K = slope.shape[0]
+    t = torch.ones(K, dtype=torch.float64, device=slope.device)
+    todo = active.clone()
+    accepted = torch.zeros(K, dtype=torch.bool, device=slope.device)
+    dA = torch.zeros(K, dtype=torch.float64, device=slope.device)
+    for _ in range(MAX_BACKTRACKS + 1):
+        dA_t = torch.logsumexp(log_s + t * XD, dim=0)
+        gain = t * S1d - W * dA_t - lam * (t * bd + 0.5 * t * t * dd)
+        ok = todo & (gain >= ARMIJO * t * slope)
+        accepted |= ok
+        dA = torch.where(ok, dA_t, dA)
+        todo &= ~ok
+        if not bool(todo.any()):
+            break
+        t = torch.where(todo, 0.5 * t, t)
+    return torch.where(accepted, t, torch.zeros_like(t)), dA
+
+
 def newton_m_step(
     X: Tensor,
     state: AtomState,
@@ -194,23 +233,14 @@ def newton_m_step(
     Components whose objective cannot be raised keep their atom (step size 0).
     """
     info = MStepInfo()
-    K = state.beta.shape[0]
-    W = W.to(torch.float64)
-    S1 = S1.to(torch.float64)
+    W, S1 = W.to(torch.float64), S1.to(torch.float64)
     beta, lg, A = state.beta, state.logits, state.A
     for _ in range(max_steps):
         s = kernels.probs_from_logits(lg, A, dtype)
         m = kernels.weighted_sum(X, s, chunk_size=chunk_size)
         info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
-        if method == "newton":
-            C = kernels.covariance(X, s, m, chunk_size)
-            info.passes += 1
-            d = newton_direction(g, m_hessian(C, W, lam))
-        else:
-            d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size)
-            info.cg_iters += n_cg
-            info.passes += 1 + 2 * n_cg
+        d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info)
         d = d.to(dtype).to(torch.float64)  # the step the products see, exactly
         slope = (g * d).sum(1)  # > 0 for an ascent direction
         active = (slope > 2 * tol) & (slope > 0) & torch.isfinite(slope)
@@ -219,23 +249,7 @@ def newton_m_step(
         info.newton_steps += 1
         XD = kernels.project(X, d.to(dtype), chunk_size=chunk_size).to(torch.float64)  # (p, K)
         info.passes += 1
-        log_s = lg - A
-        Sd, bd, dd = (S1 * d).sum(1), (beta * d).sum(1), (d * d).sum(1)
-        t = torch.ones(K, dtype=torch.float64, device=beta.device)
-        todo = active.clone()
-        accepted = torch.zeros(K, dtype=torch.bool, device=beta.device)
-        dA = torch.zeros(K, dtype=torch.float64, device=beta.device)
-        for _ in range(MAX_BACKTRACKS + 1):
-            dA_t = torch.logsumexp(log_s + t * XD, dim=0)
-            gain = t * Sd - W * dA_t - lam * (t * bd + 0.5 * t * t * dd)
-            ok = todo & (gain >= ARMIJO * t * slope)
-            accepted |= ok
-            dA = torch.where(ok, dA_t, dA)
-            todo &= ~ok
-            if not bool(todo.any()):
-                break
-            t = torch.where(todo, 0.5 * t, t)
-        t = torch.where(accepted, t, torch.zeros_like(t))
+        t, dA = armijo_steps(lg - A, XD, slope, active, (S1 * d).sum(1), (beta * d).sum(1), (d * d).sum(1), W, lam)
         beta = beta + t[:, None] * d
         lg = lg + t * XD
         A = A + dA

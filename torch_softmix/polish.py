@@ -50,6 +50,39 @@ class PolishResult:
     converged: bool = False
 
 
+class _Closure:
+    """``-F / N`` and its gradient over ``theta = (whitened atoms, weight logits)``, for ``torch.optim.LBFGS``;
+    remembers the best point evaluated and the best objective after each evaluation."""
+
+    def __init__(self, X, counts, lam, bias, chunk_size, W: Tensor, K: int, on_iteration) -> None:
+        self.X, self.counts, self.lam, self.bias, self.chunk_size = X, counts, lam, bias, chunk_size
+        self.W, self.K, self.on_iteration = W, K, on_iteration
+        self.best: dict = {}
+        self.trace: list[float] = []
+        self.n_evals = 0
+        self.theta: Tensor | None = None
+        self.opt: torch.optim.LBFGS | None = None
+
+    def unpack(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``beta (K, L)`` and ``u (K,)`` from a flat ``theta``."""
+        K, r = self.K, self.W.shape[1]
+        return t[: K * r].reshape(K, r) @ self.W.T, t[K * r :]
+
+    @torch.no_grad()
+    def __call__(self) -> Tensor:
+        theta, N = self.theta, self.counts.total
+        self.n_evals += 1
+        b, u = self.unpack(theta)
+        F, ll, g_beta, g_u = marginal_objective(self.X, self.counts, b, u, self.lam, self.bias, self.chunk_size)
+        theta.grad = -torch.cat([(g_beta @ self.W).flatten(), g_u]) / N
+        if not self.best or F > self.best["F"]:
+            self.best.update(F=F, ll=ll, theta=theta.detach().clone())
+        self.trace.append(self.best["F"] / N)
+        if self.on_iteration is not None:
+            self.on_iteration(int(self.opt.state[theta].get("n_iter", 0)), self.best["F"] / N)
+        return torch.tensor(-F / N, dtype=torch.float64)
+
+
 def polish(
     X: Tensor,
     counts: TokenCounts,
@@ -74,38 +107,14 @@ def polish(
     only if it beats EM's own final objective. ``on_iteration(n_iter, best_objective_per_token)`` is called
     after each function evaluation (progress bars).
     """
-    N = counts.total
     dev = X.device
-    W = whitening.W.to(dev)  # (L, r)
     gamma0 = beta.to(device=dev, dtype=torch.float64) @ whitening.W_inv.to(dev).T  # (K, r)
     u0 = log_alpha.to(device=dev, dtype=torch.float64).clamp_min(-50.0)  # a collapsed component: finite
-    theta = torch.cat([gamma0.flatten(), u0]).requires_grad_(True)
-    K, r = gamma0.shape
-
-    def unpack(t: Tensor) -> tuple[Tensor, Tensor]:
-        return t[: K * r].reshape(K, r) @ W.T, t[K * r :]
-
-    best: dict = {}
-    trace: list[float] = []
-    n_evals = 0
-
-    def closure() -> Tensor:
-        nonlocal n_evals
-        n_evals += 1
-        with torch.no_grad():
-            b, u = unpack(theta)
-            F, ll, g_beta, g_u = marginal_objective(X, counts, b, u, lam, bias, chunk_size)
-            theta.grad = -torch.cat([(g_beta @ W).flatten(), g_u]) / N
-            if not best or F > best["F"]:
-                best.update(F=F, ll=ll, theta=theta.detach().clone())
-            trace.append(best["F"] / N)
-            if on_iteration is not None:
-                on_iteration(int(opt.state[theta].get("n_iter", 0)) if opt.state else 0, best["F"] / N)
-        return torch.tensor(-F / N, dtype=torch.float64)
-
+    closure = _Closure(X, counts, lam, bias, chunk_size, whitening.W.to(dev), gamma0.shape[0], on_iteration)
+    closure.theta = torch.cat([gamma0.flatten(), u0]).requires_grad_(True)
     max_eval = int(max_iter * 1.25) + 10
-    opt = torch.optim.LBFGS(
-        [theta],
+    closure.opt = torch.optim.LBFGS(
+        [closure.theta],
         lr=1.0,
         max_iter=max_iter,
         max_eval=max_eval,
@@ -114,17 +123,17 @@ def polish(
         tolerance_change=tol,
         line_search_fn="strong_wolfe",
     )
-    opt.step(closure)
-    n_iter = int(opt.state[theta].get("n_iter", 0))
-    b, u = unpack(best["theta"])
-    converged = n_iter < max_iter and n_evals < max_eval
+    closure.opt.step(closure)
+    n_iter = int(closure.opt.state[closure.theta].get("n_iter", 0))
+    b, u = closure.unpack(closure.best["theta"])
+    N = counts.total
     return PolishResult(
         beta=b,
         log_alpha=torch.log_softmax(u, 0),
-        objective=best["F"] / N,
-        loglik=best["ll"] / N,
-        trace=trace,
-        n_evals=n_evals,
+        objective=closure.best["F"] / N,
+        loglik=closure.best["ll"] / N,
+        trace=closure.trace,
+        n_evals=closure.n_evals,
         n_iter=n_iter,
-        converged=converged,
+        converged=n_iter < max_iter and closure.n_evals < max_eval,
     )

@@ -31,7 +31,8 @@ from torch import Tensor
 from . import kernels
 from .data import TokenCounts
 from .design import Design
-from .moments import latent_moments, mom_estimate, subspace_starts
+from .mom import mom_estimate
+from .moments import latent_moments, subspace_starts
 from .mstep import AtomState, newton_m_step
 from .validation import check_finite, check_simplex
 
