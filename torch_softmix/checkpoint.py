@@ -17,15 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import TokenCounts
 from .engine import FitProblem, Point, State
 from .io import read_checkpoint, write_checkpoint
 from .mstep import AtomState
 
 
-def counts_digest(problem: FitProblem) -> str:
+def counts_digest(counts: TokenCounts) -> str:
+    """A digest of the counts of the whole vocabulary (the same however many ranks share it)."""
     digest = hashlib.sha256()
-    digest.update(problem.counts.support.cpu().numpy().tobytes())
-    digest.update(problem.counts.values.cpu().numpy().tobytes())
+    digest.update(counts.support.cpu().numpy().tobytes())
+    digest.update(counts.values.cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -37,8 +39,9 @@ def start_digest(alpha: Tensor, beta: Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def checkpoint_key(problem: FitProblem, settings: dict[str, Any]) -> dict[str, str]:
-    """What a checkpoint must match to be resumed (all values are strings)."""
+def checkpoint_key(problem: FitProblem, settings: dict[str, Any], counts: TokenCounts | None = None) -> dict[str, str]:
+    """What a checkpoint must match to be resumed (all values are strings). ``counts`` are those of the whole
+    vocabulary (default ``problem.counts``, which is that with a single rank)."""
     shaped = {
         **settings,
         "ridge": problem.ridge,
@@ -50,7 +53,7 @@ def checkpoint_key(problem: FitProblem, settings: dict[str, Any]) -> dict[str, s
     }
     return {
         "embedding_fingerprint": problem.design.fingerprint,
-        "counts_sha256": counts_digest(problem),
+        "counts_sha256": counts_digest(problem.counts if counts is None else counts),
         "settings": json.dumps(shaped, sort_keys=True, default=str),
         "dtype": str(problem.dtype),
     }
@@ -60,11 +63,15 @@ class Checkpointer:
     """A run callback that writes the state atomically every ``every`` EM iterations.
 
     ``extra`` (a dict, read at each write) is stored with the state: the fitter records there what the
-    screening of its starts found, so a resumed fit reports the same starts.
+    screening of its starts found, so a resumed fit reports the same starts. With rows shared among ranks
+    only rank 0 writes, and the cached logits (each rank's own rows) are not stored: a resume recomputes
+    them from the atoms, so it may use another number of ranks.
     """
 
-    def __init__(self, path: str | os.PathLike, key: dict[str, str], every: int, extra: dict | None = None) -> None:
-        self.path, self.key, self.every = os.fspath(path), key, every
+    def __init__(
+        self, path: str | os.PathLike, key: dict[str, str], every: int, extra: dict | None = None, comm=None
+    ) -> None:
+        self.path, self.key, self.every, self.comm = os.fspath(path), key, every, comm
         self.extra = extra if extra is not None else {}
         self.last_written = -1
         self.n_written = 0
@@ -75,13 +82,16 @@ class Checkpointer:
             return False
         self.last_written = n_iter
         atoms = point.state.atoms
-        tensors = {"log_alpha": point.state.log_alpha, "beta": atoms.beta, "logits": atoms.logits, "A": atoms.A}
-        write_checkpoint(self.path, tensors, {**self.key, "n_maps": n_iter, "history": history, **self.extra})
+        tensors = {"log_alpha": point.state.log_alpha, "beta": atoms.beta}
+        if self.comm is None or not self.comm.distributed:
+            tensors.update(logits=atoms.logits, A=atoms.A)  # a single-process resume is then bit-exact
+        if self.comm is None or self.comm.rank == 0:
+            write_checkpoint(self.path, tensors, {**self.key, "n_maps": n_iter, "history": history, **self.extra})
         self.n_written += 1
         return True
 
 
-def resume(path: str | os.PathLike, key: dict[str, str], device: torch.device) -> tuple[State, dict] | None:
+def resume(path: str | os.PathLike, key: dict[str, str], problem: FitProblem) -> tuple[State, dict] | None:
     """The saved state and metadata (``n_maps``, ``history``, what the fitter stored) if ``path`` exists.
 
     Raises ``ValueError`` when the file belongs to another fit (its key differs) or is not a checkpoint.
@@ -95,5 +105,8 @@ def resume(path: str | os.PathLike, key: dict[str, str], device: torch.device) -
                 f"checkpoint {os.fspath(path)!r} belongs to another fit ({name} differs); delete it or pass "
                 "another checkpoint path"
             )
-    t = {k: v.to(device) for k, v in tensors.items()}
-    return State(t["log_alpha"], AtomState(t["beta"], t["logits"], t["A"])), meta
+    t = {k: v.to(problem.design.device) for k, v in tensors.items()}
+    if "logits" in t and not problem.comm.distributed:
+        return State(t["log_alpha"], AtomState(t["beta"], t["logits"], t["A"])), meta
+    state = problem.state(t["log_alpha"].exp(), t["beta"])  # logits recomputed for this rank's rows
+    return State(t["log_alpha"], state.atoms), meta

@@ -58,6 +58,11 @@ class TokenCounts:
             return self
         return TokenCounts(self.support.to(device), self.values.to(device), self.vocab_size)
 
+    def rows(self, lo: int, hi: int) -> TokenCounts:
+        """The counts of tokens ``[lo, hi)``, renumbered from 0 (a rank's share of a row-sharded vocabulary)."""
+        keep = (self.support >= lo) & (self.support < hi)
+        return TokenCounts(self.support[keep] - lo, self.values[keep], hi - lo)
+
     def dense(self) -> Tensor:
         """The ``(p,)`` float64 vector of counts."""
         out = torch.zeros(self.vocab_size, dtype=torch.float64, device=self.device)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .dist import Comm
 from .io import embedding_fingerprint
 from .moments import Whitening
 from .validation import check_design, check_design_finite
@@ -32,6 +33,11 @@ class Design:
         identity: free-form description of where ``X`` comes from (model name, sizes, logit scale).
         chunk_size: rows per chunk in passes over ``X`` (default automatic).
         validate: check that every entry is finite (one chunked pass). ``False`` skips it.
+        comm: a :class:`~torch_softmix.dist.Comm` over several ranks to share the vocabulary among them
+            (``Comm.from_env()`` under ``torchrun`` or Lightning Fabric). Each rank then computes on its
+            contiguous rows ``X[lo:hi]`` (a view: no copy) and every sum over the vocabulary is all-reduced.
+            ``embedding`` is the whole matrix on every rank (as a model loaded on every rank holds it);
+            ``full_X`` and ``full_bias`` keep it for the fitted head.
     """
 
     def __init__(
@@ -42,17 +48,37 @@ class Design:
         identity: dict[str, Any] | None = None,
         chunk_size: int | None = None,
         validate: bool = True,
+        comm: Comm | None = None,
     ) -> None:
-        self.X, self.bias = check_design(embedding, bias)
+        self.full_X, self.full_bias = check_design(embedding, bias)
+        self.comm = comm if comm is not None else Comm()
+        self.lo, self.hi = self.comm.rows(self.full_X.shape[0])
+        self.X = self.full_X[self.lo : self.hi]
+        self.bias = None if self.full_bias is None else self.full_bias[self.lo : self.hi]
         if validate:
-            check_design_finite(self.X, self.bias, chunk_size)
+            self._validate(chunk_size)
         self.identity: dict[str, Any] = dict(identity or {})
         self.chunk_size = chunk_size
+
+    def _validate(self, chunk_size: int | None) -> None:
+        """Every rank checks its rows; all ranks raise if any row anywhere is not finite."""
+        try:
+            check_design_finite(self.X, self.bias, chunk_size)
+            bad = 0.0
+        except ValueError:
+            if not self.comm.distributed:
+                raise
+            bad = 1.0
+        if self.comm.distributed:
+            flag = self.comm.max(torch.tensor([bad], dtype=torch.float64, device=self.X.device), "validate")
+            if float(flag[0]) > 0:
+                raise ValueError("embedding or bias contains NaN or infinite values (on some rank's rows)")
 
     # ------------------------------------------------------------------ sizes
     @property
     def vocab_size(self) -> int:
-        return self.X.shape[0]
+        """``p``: rows of the whole design (this rank holds ``hi - lo`` of them)."""
+        return self.full_X.shape[0]
 
     @property
     def hidden_size(self) -> int:
@@ -69,23 +95,24 @@ class Design:
 
     def __repr__(self) -> str:
         bias = ", bias" if self.bias is not None else ""
-        return f"Design(p={self.vocab_size}, L={self.hidden_size}, dtype={self.X.dtype}, device={self.device}{bias})"
+        ranks = f", rows {self.lo}:{self.hi} of rank {self.comm.rank}/{self.comm.world_size}" if self.comm.distributed else ""
+        return f"Design(p={self.vocab_size}, L={self.hidden_size}, dtype={self.X.dtype}, device={self.device}{bias}{ranks})"
 
     # ------------------------------------------------------------------ cached
     @cached_property
     def fingerprint(self) -> str:
         """:func:`~torch_softmix.io.embedding_fingerprint` of ``X`` and the bias."""
-        return embedding_fingerprint(self.X, self.bias)
+        return embedding_fingerprint(self.full_X, self.full_bias)
 
     @cached_property
     def whitening(self) -> Whitening:
         """Mean and inverse square root of the covariance of the rows of ``X`` (one ``O(p L^2)`` pass)."""
-        return Whitening.from_design(self.X, self.chunk_size)
+        return Whitening.from_design(self.X, self.chunk_size, self.comm)
 
     @cached_property
     def column_variance(self) -> Tensor:
         """Per-column variance of the rows of ``X``: ``(L,)`` float64."""
-        return kernels.column_variance(self.X, self.chunk_size)
+        return kernels.column_variance(self.X, self.chunk_size, self.comm)
 
     def to(self, device: torch.device | str | None) -> Design:
         """The same design on ``device`` (``X`` copied only when it lives elsewhere; caches kept when not)."""
@@ -93,11 +120,12 @@ class Design:
         if device is None or device == self.device or (device.type == self.device.type and device.index is None):
             return self
         moved = Design(
-            self.X.to(device),
-            None if self.bias is None else self.bias.to(device),
+            self.full_X.to(device),
+            None if self.full_bias is None else self.full_bias.to(device),
             identity=self.identity,
             chunk_size=self.chunk_size,
             validate=False,
+            comm=self.comm,
         )
         if "fingerprint" in self.__dict__:
             moved.__dict__["fingerprint"] = self.fingerprint  # device-independent by construction

@@ -160,7 +160,8 @@ class EMFitter:
         if self.checkpoint is not None and self.n_init > 1 and self.init_max_iter is None:
             raise ValueError("checkpoint needs init_max_iter (screened starts) when n_init > 1")
 
-    def _problem(self, embedding_or_head, bias, tokens, counts) -> FitProblem:
+    def _problem(self, embedding_or_head, bias, tokens, counts) -> tuple[FitProblem, TokenCounts]:
+        """The problem of this fit (this rank's rows and counts) and the counts of the whole vocabulary."""
         if isinstance(embedding_or_head, SoftmaxMixtureHead):
             if bias is not None:
                 raise ValueError("bias is taken from the head; do not pass bias= with a head")
@@ -179,11 +180,14 @@ class EMFitter:
         if m_step == "auto":
             m_step = "newton" if design.hidden_size <= AUTO_NEWTON_MAX_L else "newton-cg"
         dtype = _param_dtype(design.X, self.dtype)
-        return FitProblem(
-            design, data, dtype, self.ridge, m_step, self.m_step_iter, self.cg_max_iter, self.cg_rtol, self.tol
-        )
+        local = data.rows(design.lo, design.hi) if design.comm.distributed else data  # this rank's share
+        problem = FitProblem(
+            design, local, dtype, self.ridge, m_step, self.m_step_iter, self.cg_max_iter, self.cg_rtol, self.tol,
+            n_total=data.total,
+        )  # fmt: skip
+        return problem, data
 
-    def _key(self, problem: FitProblem) -> dict[str, str]:
+    def _key(self, problem: FitProblem, data: TokenCounts) -> dict[str, str]:
         init = self.init
         if not isinstance(init, str):
             g = given_start(init, self.n_components, problem.design.hidden_size)
@@ -192,7 +196,7 @@ class EMFitter:
         seed = rs.initial_seed() if isinstance(rs, torch.Generator) else rs
         settings = {"n_components": self.n_components, "init": init, "n_init": self.n_init, "random_state": seed}
         settings.update(init_max_iter=self.init_max_iter, mom_method=self.mom_method, accelerate=self.accelerate)
-        return checkpoint_key(problem, settings)
+        return checkpoint_key(problem, settings, data)
 
     def _starts(self, problem: FitProblem, gen: torch.Generator) -> tuple[list[Start], dict]:
         if not isinstance(self.init, str):
@@ -222,14 +226,14 @@ class EMFitter:
         embedding's storage.
         """
         self._validate()
-        problem = self._problem(embedding_or_head, bias, tokens, counts)
+        problem, data = self._problem(embedding_or_head, bias, tokens, counts)
         ckpt, saved = None, None
         if self.checkpoint is not None:
-            key = self._key(problem)
-            saved = resume(self.checkpoint, key, problem.design.device)  # before any start is computed
-            ckpt = Checkpointer(self.checkpoint, key, self.checkpoint_every)
+            key = self._key(problem, data)
+            saved = resume(self.checkpoint, key, problem)  # before any start is computed
+            ckpt = Checkpointer(self.checkpoint, key, self.checkpoint_every, comm=problem.comm)
         sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter)
-        with Bars(self.progress, f"K={self.n_components}") as bars:
+        with Bars(self.progress and problem.comm.rank == 0, f"K={self.n_components}") as bars:
             if saved is not None:
                 result, record = resume_run(problem, saved, sched, bars, ckpt, callback)
             else:
@@ -242,10 +246,10 @@ class EMFitter:
 
     def _finish(self, problem: FitProblem, result: RunResult, record: dict, polish_info: dict | None):
         state = result.state
-        head = SoftmaxMixtureHead(
-            problem.X,
+        head = SoftmaxMixtureHead(  # over the whole design, also when the fit shared its rows among ranks
+            problem.design.full_X,
             self.n_components,
-            problem.bias,
+            problem.design.full_bias,
             dtype=problem.dtype,
             chunk_size=self.chunk_size,
             validate_args=False,

@@ -80,6 +80,7 @@ class FitProblem:
     cg_max_iter: int = 10
     cg_rtol: float = 1e-3
     tol: float = 1e-9
+    n_total: float | None = None  # N over the whole vocabulary when ``counts`` are one rank's share
 
     @property
     def X(self) -> Tensor:
@@ -94,26 +95,32 @@ class FitProblem:
         return self.design.chunk_size
 
     @property
+    def comm(self):
+        """The design's :class:`~torch_softmix.dist.Comm` (one rank: no communication)."""
+        return self.design.comm
+
+    @property
     def n_tokens(self) -> float:
-        return self.counts.total
+        return self.counts.total if self.n_total is None else self.n_total
 
     @property
     def lam(self) -> float:
         """The ridge in units of the total objective: ``ridge * N``."""
-        return self.ridge * self.counts.total
+        return self.ridge * self.n_tokens
 
     # ------------------------------------------------------------------ states
     def state(self, alpha: Tensor, beta: Tensor) -> State:
         """A fresh state at weights ``alpha (K,)`` (normalised) and atoms ``beta (K, L)``: one pass over ``X``."""
         alpha = alpha.to(device=self.design.device, dtype=torch.float64)
-        atoms = AtomState.from_beta(self.X, beta, self.bias, self.dtype, self.chunk_size)
+        atoms = AtomState.from_beta(self.X, beta, self.bias, self.dtype, self.chunk_size, self.comm)
         return State(torch.log(alpha / alpha.sum()), atoms)
 
     def refresh(self, state: State) -> State:
         """The parameters as a head of the compute dtype stores them (``log alpha`` rounded to it, renormalised
         in float64), with the logits recomputed from the atoms: no accumulated rounding is left."""
         log_alpha = state.log_alpha.to(self.dtype).to(torch.float64).log_softmax(0)
-        return State(log_alpha, AtomState.from_beta(self.X, state.beta, self.bias, self.dtype, self.chunk_size))
+        atoms = AtomState.from_beta(self.X, state.beta, self.bias, self.dtype, self.chunk_size, self.comm)
+        return State(log_alpha, atoms)
 
     def evaluate(self, state: State) -> Point:
         """The E-step at ``state``: statistics, per-token log-likelihood and objective."""
@@ -124,12 +131,16 @@ class FitProblem:
 
 # ---------------------------------------------------------------------- steps
 def e_step(problem: FitProblem, state: State) -> kernels.EStepStats:
-    """Sufficient statistics ``W (K,)``, ``S1 (K, L)`` and the log-likelihood, on the support of the counts."""
+    """Sufficient statistics ``W (K,)``, ``S1 (K, L)`` and the log-likelihood, on the support of the counts.
+
+    With rows shared among ranks, the three are one all-reduce of ``1 + K + K L`` numbers.
+    """
     c = problem.counts
     lg = state.atoms.logits.index_select(0, c.support)
-    return kernels.e_step_from_logits(
+    stats = kernels.e_step_from_logits(
         problem.X, lg, state.log_alpha, state.atoms.A, c.support, c.values, problem.dtype, problem.chunk_size
     )
+    return kernels.reduce_stats(stats, problem.comm)
 
 
 def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
@@ -148,6 +159,7 @@ def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
         cg_max_iter=problem.cg_max_iter,
         cg_rtol=problem.cg_rtol,
         chunk_size=problem.chunk_size,
+        comm=problem.comm,
     )
     log_alpha = torch.log(stats.W) - math.log(problem.n_tokens)
     return State(log_alpha, atoms), {"step_sizes": info.step_sizes, "passes": info.passes, "cg_iters": info.cg_iters}
@@ -183,7 +195,8 @@ def squarem(problem: FitProblem, p0: Point, p1: Point, p2: Point) -> tuple[Point
             break
         theta = t0 - 2 * a * r + a * a * v
         if bool(torch.isfinite(theta).all()):
-            atoms = p2.state.atoms.moved_to(problem.X, theta[: K * L].reshape(K, L), problem.dtype, problem.chunk_size)
+            beta = theta[: K * L].reshape(K, L)
+            atoms = p2.state.atoms.moved_to(problem.X, beta, problem.dtype, problem.chunk_size, problem.comm)
             point = problem.evaluate(State(torch.log_softmax(theta[K * L :], 0), atoms))
             if point.objective >= p2.objective:
                 return point, a

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .data import TokenCounts
 from .design import Design
+from .dist import Comm
 from .em import LM_FIT_DEFAULTS, lm_fitter
 from .head import SoftmaxMixtureHead
 from .io import atomic_write_bytes, embedding_fingerprint, read_shard, read_shard_metadata, write_shard
@@ -225,6 +226,7 @@ def sample_next_tokens(
     out_dir: str | os.PathLike | None = None,
     shard_size: int = 1 << 20,
     progress: bool = False,
+    comm: Comm | None = None,
 ) -> Sample:
     """Draw ``n_tokens`` next tokens from the mixture of the prompts' next-token laws.
 
@@ -233,7 +235,9 @@ def sample_next_tokens(
     ``out_dir`` the tokens are written as shards (``shard-KKK-JJJJJ.safetensors``, at most
     ``shard_size`` tokens each) with the sampler settings and the model's identity; shards already
     there are read back instead of drawn again (each shard has its own seed), so a killed run resumes.
-    Counts are accumulated shard by shard.
+    Counts are accumulated shard by shard. With a ``comm`` over several ranks (data-parallel sampling),
+    shard ``i`` is drawn by rank ``i % world_size``; each shard's seed depends only on the seed and its
+    place, so the total counts (summed by one all-reduce) do not depend on how many ranks share the work.
     """
     check_int("n_tokens", n_tokens)
     if not prompts:
@@ -254,8 +258,8 @@ def sample_next_tokens(
         "n_tokens": int(n_tokens),
         "shard_size": int(shard_size),
     }
-    shards = _Shards(out_dir, design, settings)
-    with _progress(n_tokens, "sampling next tokens", progress) as bar:
+    shards = _Shards(out_dir, design, settings, comm)
+    with _progress(n_tokens, "sampling next tokens", progress and shards.comm.rank == 0) as bar:
         for k in range(K):
             probs = log_probs[k].exp().cpu()
             for j, start in enumerate(range(0, int(per_component[k]), shard_size)):
@@ -276,12 +280,17 @@ class _Shards:
     """Token shards of one sampling run: each is read back if already on disk, else drawn and written
     atomically; counts are accumulated shard by shard. Without a folder nothing is written."""
 
-    def __init__(self, out_dir: str | os.PathLike | None, design: Design, settings: dict[str, Any]) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike | None, design: Design, settings: dict[str, Any], comm: Comm | None = None
+    ) -> None:
         self.folder = None if out_dir is None else Path(out_dir)
         self.design, self.settings = design, settings
+        self.comm = comm if comm is not None else Comm()
+        self.index = 0  # shards are dealt to ranks in turn: shard i is drawn by rank i % world_size
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._refuse_other_runs()
+        self.comm.barrier()
         self.dense = torch.zeros(design.X.shape[0], dtype=torch.int64)
         self.paths: list[Path] = []
 
@@ -307,7 +316,12 @@ class _Shards:
                 )
 
     def add(self, name: str, draw, **meta: Any) -> None:
-        """The shard ``name``: read it if it exists, else ``draw()`` its tokens and write them."""
+        """The shard ``name``: read it if it exists, else ``draw()`` its tokens and write them (on the rank it
+        is dealt to; the others skip it)."""
+        mine = self.index % self.comm.world_size == self.comm.rank
+        self.index += 1
+        if not mine:
+            return
         path = None if self.folder is None else self.folder / f"{name}.safetensors"
         if path is not None and path.exists():
             tokens, _ = read_shard(path, self.design.fingerprint)
@@ -329,9 +343,13 @@ class _Shards:
             self.paths.append(path)
 
     def sample(self, truth: dict[str, Tensor] | None = None) -> Sample:
-        if self.folder is not None:
+        """The run's counts (summed over ranks: one all-reduce of ``p`` counts) and the shards this rank wrote."""
+        self.comm.sum(self.dense, "sample_counts")
+        self.comm.barrier()
+        if self.folder is not None and self.comm.rank == 0:
             record = {**self.settings, "model": self.design.identity}
             atomic_write_bytes(self.folder / "sampler.json", json.dumps(record, indent=1).encode())
+        self.comm.barrier()
         return Sample(TokenCounts.from_dense(self.dense), self.paths, self.settings, truth)
 
 
@@ -350,13 +368,15 @@ def sample_streams(
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    comm: Comm | None = None,
 ) -> Sample:
     """Free-running streams with ``generate``: ``n_sequences`` continuations of the prompts (cycled).
 
     Full-distribution sampling by default (``top_k=0``, ``top_p=1``); setting ``top_k`` or ``top_p``
     truncates the law (the mixture model is then misspecified), which is warned about and recorded.
     Only generated tokens are kept, up to and including the first end-of-sequence token. One shard per
-    batch, seeded by batch, so a killed run resumes where it stopped.
+    batch, seeded by batch, so a killed run resumes where it stopped. With a ``comm`` over several ranks,
+    batch ``b`` is generated by rank ``b % world_size``: the total counts do not depend on the split.
     """
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt")
@@ -382,7 +402,7 @@ def sample_streams(
         "max_new_tokens": int(max_new_tokens),
         "batch_size": int(batch_size),
     }
-    shards = _Shards(out_dir, design, settings)
+    shards = _Shards(out_dir, design, settings, comm)
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
 
@@ -407,7 +427,7 @@ def sample_streams(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with _progress(n_sequences, "generating streams", progress) as bar:
+        with _progress(n_sequences, "generating streams", progress and shards.comm.rank == 0) as bar:
             for b, start in enumerate(range(0, n_sequences, batch_size)):
                 n = min(batch_size, n_sequences - start)
                 batch = [prompts[(start + i) % len(prompts)] for i in range(n)]

@@ -180,6 +180,6 @@ def write_checkpoint(path: str | os.PathLike, tensors: dict[str, Tensor], metada
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint written by :func:`write_checkpoint`."""
     tensors, meta = _read(
-        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ("log_alpha", "beta", "logits", "A")
+        path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ("log_alpha", "beta")
     )
     return tensors, json.loads(meta["state"])

@@ -75,8 +75,14 @@ def logits(
     return out
 
 
-def log_normalizer_from_logits(logits_all: Tensor) -> Tensor:
-    """``A_k = logsumexp_j logits_jk`` from the full ``(p, K)`` logits: ``(K,)`` float64."""
+def log_normalizer_from_logits(logits_all: Tensor, comm=None) -> Tensor:
+    """``A_k = logsumexp_j logits_jk`` from the ``(p, K)`` logits: ``(K,)`` float64.
+
+    With a :class:`~torch_softmix.dist.Comm` over several ranks, ``logits_all`` holds this rank's rows and
+    the result is the log-normaliser over the whole vocabulary (two all-reduces of ``K`` numbers).
+    """
+    if comm is not None and comm.distributed:
+        return comm.logsumexp(logits_all, dim=0, name="A")
     return torch.logsumexp(logits_all, dim=0)
 
 
@@ -85,34 +91,47 @@ def probs_from_logits(logits_all: Tensor, A: Tensor, dtype: torch.dtype) -> Tens
     return torch.exp(logits_all - A).to(dtype)
 
 
-def covariance(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -> Tensor:
-    """``C_k = X^T diag(s_k) X - m_k m_k^T`` for ``s (p, K)``, ``m (K, L)``: ``(K, L, L)``. Costs ``O(p L^2 K)``."""
+def _allsum(t: Tensor, comm, name: str) -> Tensor:
+    """Complete a sum over the vocabulary across ranks (identity with one rank)."""
+    return comm.sum(t, name) if comm is not None and comm.distributed else t
+
+
+def covariance(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None, comm=None) -> Tensor:
+    """``C_k = X^T diag(s_k) X - m_k m_k^T`` for ``s (p, K)``, ``m (K, L)``: ``(K, L, L)``. Costs ``O(p L^2 K)``.
+
+    With a ``comm``, ``X`` and ``s`` are this rank's rows and ``m`` the global mean: the second moment is
+    all-reduced before ``m m^T`` is subtracted (once).
+    """
     K, L = m.shape
     C = torch.zeros(K, L, L, dtype=s.dtype, device=s.device)
     for start, stop, Xc in row_chunks(X, None, s.dtype, chunk_size):
         for k in range(K):
             C[k].addmm_(Xc.T, Xc * s[start:stop, k : k + 1])
+    C = _allsum(C, comm, "hessian")
     C -= m[:, :, None] * m[:, None, :]
     return 0.5 * (C + C.transpose(1, 2))
 
 
-def covariance_diagonal(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None) -> Tensor:
-    """``diag C_k = s_k^T (X o X) - m_k^2``: ``(K, L)``."""
+def covariance_diagonal(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None, comm=None) -> Tensor:
+    """``diag C_k = s_k^T (X o X) - m_k^2``: ``(K, L)`` (the sum all-reduced with a ``comm``)."""
     out = torch.zeros_like(m)
     for start, stop, Xc in row_chunks(X, None, s.dtype, chunk_size):
         out.addmm_(s[start:stop].T, Xc * Xc)
-    return (out - m * m).clamp_min(0)
+    return (_allsum(out, comm, "cg_diag") - m * m).clamp_min(0)
 
 
-def covariance_matvec(X: Tensor, s: Tensor, m: Tensor, V: Tensor, chunk_size: int | None = None) -> Tensor:
+def covariance_matvec(
+    X: Tensor, s: Tensor, m: Tensor, V: Tensor, chunk_size: int | None = None, comm=None
+) -> Tensor:
     """``C_k v_k = X^T (s_k * (X v_k)) - m_k (m_k . v_k)`` for every ``k``: ``(K, L)``.
 
-    Two products over ``X`` per call and no ``L x L`` matrix (docs/MATH.md §3, Newton-CG).
+    Two products over ``X`` per call and no ``L x L`` matrix (docs/MATH.md §3, Newton-CG); with a ``comm``
+    one all-reduce of ``K L`` numbers.
     """
     out = torch.zeros_like(V)
     for start, stop, Xc in row_chunks(X, None, V.dtype, chunk_size):
         out.addmm_((s[start:stop] * (Xc @ V.T)).T, Xc)
-    return out - m * (m * V).sum(1, keepdim=True)
+    return _allsum(out, comm, "cg_matvec") - m * (m * V).sum(1, keepdim=True)
 
 
 @dataclass
@@ -179,6 +198,16 @@ def e_step_from_logits(
     return EStepStats((n * log_pi).sum(), ngamma.sum(0), S1)
 
 
+def reduce_stats(stats: EStepStats, comm=None) -> EStepStats:
+    """The statistics of the whole vocabulary from each rank's: one all-reduce of ``1 + K + K L`` numbers."""
+    if comm is None or not comm.distributed:
+        return stats
+    K, L = stats.S1.shape
+    packed = torch.cat([stats.loglik.reshape(1), stats.W, stats.S1.to(torch.float64).flatten()])
+    comm.sum(packed, "e_step")
+    return EStepStats(packed[0], packed[1 : K + 1], packed[K + 1 :].view(K, L).to(stats.S1.dtype))
+
+
 def e_step(
     X: Tensor,
     beta: Tensor,
@@ -194,31 +223,41 @@ def e_step(
     return e_step_from_logits(X, lg, log_alpha, A, support, n, beta.dtype, chunk_size)
 
 
-def column_moments(X: Tensor, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+def first_row(X: Tensor, dtype: torch.dtype, comm=None) -> Tensor:
+    """Row 0 of the whole design (rank 0's first row when the rows are shared among ranks), in ``dtype``."""
+    row = X[0].to(dtype) if X.shape[0] else torch.zeros(X.shape[1], dtype=dtype, device=X.device)
+    return comm.broadcast(row.clone(), name="first_row") if comm is not None and comm.distributed else row
+
+
+def column_moments(X: Tensor, chunk_size: int | None = None, comm=None) -> tuple[Tensor, Tensor]:
     """Per-column mean and variance of the rows of ``X (p, L)``: two ``(L,)`` float64, one chunked pass.
 
     Chunks are read in float32 (float64 designs stay float64), summed per chunk in that dtype and
     accumulated in float64 about the first row: the temporaries stay one chunk, and there is no
-    cancellation when ``|mean| >> spread``.
+    cancellation when ``|mean| >> spread``. With a ``comm`` over several ranks, ``X`` is this rank's rows
+    and the moments are those of the whole design.
     """
-    p, L = X.shape
+    L = X.shape[1]
     dt = torch.float64 if X.dtype == torch.float64 else torch.float32
-    shift = X[0].to(dt)
-    s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
-    s2 = torch.zeros(L, dtype=torch.float64, device=X.device)
+    shift = first_row(X, dt, comm)
+    s = torch.zeros(2 * L + 1, dtype=torch.float64, device=X.device)
     for _, _, Xc in row_chunks(X, None, dt, chunk_size):
         D = Xc - shift
-        s1 += D.sum(0).to(torch.float64)  # per-chunk sums in the chunk's dtype, accumulated in float64
-        s2 += D.square_().sum(0).to(torch.float64)
-    mean = s1 / p
-    return mean + shift.to(torch.float64), (s2 / p - mean * mean).clamp_min(0)
+        s[:L] += D.sum(0).to(torch.float64)  # per-chunk sums in the chunk's dtype, accumulated in float64
+        s[L : 2 * L] += D.square_().sum(0).to(torch.float64)
+    s[2 * L] = X.shape[0]
+    if comm is not None:
+        comm.sum(s, "column_moments")
+    p = float(s[2 * L])
+    mean = s[:L] / p
+    return mean + shift.to(torch.float64), (s[L : 2 * L] / p - mean * mean).clamp_min(0)
 
 
-def column_mean(X: Tensor, chunk_size: int | None = None) -> Tensor:
+def column_mean(X: Tensor, chunk_size: int | None = None, comm=None) -> Tensor:
     """The mean row of ``X``: ``(L,)`` float64."""
-    return column_moments(X, chunk_size)[0]
+    return column_moments(X, chunk_size, comm)[0]
 
 
-def column_variance(X: Tensor, chunk_size: int | None = None) -> Tensor:
+def column_variance(X: Tensor, chunk_size: int | None = None, comm=None) -> Tensor:
     """Per-column variance of the rows of ``X``: ``(L,)`` float64."""
-    return column_moments(X, chunk_size)[1]
+    return column_moments(X, chunk_size, comm)[1]

@@ -24,7 +24,7 @@ from scipy.optimize import least_squares
 from torch import Tensor
 
 from .data import TokenCounts
-from .moments import LatentMoments, Whitening, hermite_moments, latent_moments, subspace
+from .moments import LatentMoments, Whitening, canonical_signs, hermite_moments, latent_moments, subspace
 from .validation import make_generator
 
 
@@ -44,7 +44,9 @@ def _quadrature(m: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray] | None:
     return nodes, weights
 
 
-def univariate_mixture(t: Tensor, w: Tensor, K: int, n_tokens: float) -> tuple[np.ndarray, np.ndarray, float]:
+def univariate_mixture(
+    t: Tensor, w: Tensor, K: int, n_tokens: float, comm=None
+) -> tuple[np.ndarray, np.ndarray, float]:
     """A ``K``-atom mixing measure on the line from projected Hermite moments (denoised).
 
     Args:
@@ -54,7 +56,7 @@ def univariate_mixture(t: Tensor, w: Tensor, K: int, n_tokens: float) -> tuple[n
         (chi-square-like, in units of the moments' standard errors).
     """
     order = 2 * K - 1
-    m_t, var_t = hermite_moments(t, w, order)
+    m_t, var_t = hermite_moments(t, w, order, comm)
     m, sd = m_t.cpu().numpy(), np.sqrt(var_t.cpu().numpy() / max(n_tokens, 1.0)) + 1e-12
     start = _quadrature(m, K)
     if start is None or np.any(start[1] <= 0) or np.ptp(start[0]) == 0:
@@ -111,7 +113,7 @@ def _validate_subspace(moments: LatentMoments, K: int) -> str:
     return ""
 
 
-def _combine_directions(Y: Tensor, w: Tensor, K: int, N: float, Q: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _combine_directions(Y: Tensor, w: Tensor, K: int, N: float, Q: Tensor, comm=None) -> tuple[np.ndarray, np.ndarray]:
     """Combine univariate estimates along ``q_1`` (anchor) and ``(q_1 +- q_j)/sqrt 2`` into ``K`` atoms.
 
     ``Q (K, K)`` is an orthonormal basis; the ``j``-th coordinates of the atoms are the atoms along
@@ -119,16 +121,16 @@ def _combine_directions(Y: Tensor, w: Tensor, K: int, N: float, Q: Tensor) -> tu
     ``W1``) with the estimates along ``(q_1 +- q_j)/sqrt 2``, and whose weights agree.
     """
     Yq = Y @ Q
-    a1, w1, _ = univariate_mixture(Yq[:, 0], w, K, N)
+    a1, w1, _ = univariate_mixture(Yq[:, 0], w, K, N, comm)
     coords = np.zeros((K, K))
     coords[:, 0] = a1
     weights = [w1]
     perms = np.array(list(itertools.permutations(range(K)))) if K <= 6 else None
     spread = np.ptp(a1) + 1e-12
     for j in range(1, K):
-        aj, wj, _ = univariate_mixture(Yq[:, j], w, K, N)
-        ap, wp, _ = univariate_mixture((Yq[:, 0] + Yq[:, j]) / math.sqrt(2), w, K, N)
-        am, wm, _ = univariate_mixture((Yq[:, 0] - Yq[:, j]) / math.sqrt(2), w, K, N)
+        aj, wj, _ = univariate_mixture(Yq[:, j], w, K, N, comm)
+        ap, wp, _ = univariate_mixture((Yq[:, 0] + Yq[:, j]) / math.sqrt(2), w, K, N, comm)
+        am, wm, _ = univariate_mixture((Yq[:, 0] - Yq[:, j]) / math.sqrt(2), w, K, N, comm)
 
         def cost(sigma: np.ndarray, aj=aj, wj=wj, ap=ap, wp=wp, am=am, wm=wm) -> float:
             c, wc = aj[sigma], 0.5 * (w1 + wj[sigma])
@@ -156,7 +158,9 @@ def _combine_directions(Y: Tensor, w: Tensor, K: int, N: float, Q: Tensor) -> tu
     return coords @ Q.cpu().numpy().T, alpha / alpha.sum()
 
 
-def moment_misfit(Y: Tensor, w: Tensor, atoms: np.ndarray, alpha: np.ndarray, N: float, V: Tensor) -> float:
+def moment_misfit(
+    Y: Tensor, w: Tensor, atoms: np.ndarray, alpha: np.ndarray, N: float, V: Tensor, comm=None
+) -> float:
     """How far the candidate's projected moments ``sum_k alpha_k (v . b_k)^r`` are from the data's
     Hermite moments ``m_r(v)`` along the unit directions ``V (D, K)``, for ``r = 1..2K-1``, in
     standard errors (a chi-square)."""
@@ -166,7 +170,7 @@ def moment_misfit(Y: Tensor, w: Tensor, atoms: np.ndarray, alpha: np.ndarray, N:
     r = np.arange(1, order + 1)
     total = 0.0
     for d in range(V.shape[0]):
-        m, var = hermite_moments(Y @ V[d], w, order)
+        m, var = hermite_moments(Y @ V[d], w, order, comm)
         model = (proj[:, d][None, :] ** r[:, None]) @ alpha
         sd = np.sqrt(var.cpu().numpy()[1:] / max(N, 1.0)) + 1e-12
         total += float(np.sum(((model - m.cpu().numpy()[1:]) / sd) ** 2))
@@ -174,7 +178,7 @@ def moment_misfit(Y: Tensor, w: Tensor, atoms: np.ndarray, alpha: np.ndarray, N:
 
 
 def _univariate_route(
-    Y: Tensor, w: Tensor, K: int, N: float, gen: torch.Generator, n_bases: int = 4
+    Y: Tensor, w: Tensor, K: int, N: float, gen: torch.Generator, n_bases: int = 4, comm=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's route: univariate mixing measures along directions, combined into atoms.
 
@@ -186,29 +190,36 @@ def _univariate_route(
     best, best_fit = None, np.inf
     for _ in range(n_bases):
         Q, _ = torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=torch.float64))
-        atoms, alpha = _combine_directions(Y, w, K, N, Q.to(Y))
-        fit = moment_misfit(Y, w, atoms, alpha, N, V)
+        atoms, alpha = _combine_directions(Y, w, K, N, Q.to(Y), comm)
+        fit = moment_misfit(Y, w, atoms, alpha, N, V, comm)
         if fit < best_fit:
             best, best_fit = (atoms, alpha), fit
     return best
 
 
-def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _sum(t: Tensor, comm, name: str) -> Tensor:
+    """A sum over the support, completed across ranks when the support is shared among them."""
+    return comm.sum(t, name) if comm is not None else t
+
+
+def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator, comm=None) -> tuple[np.ndarray, np.ndarray]:
     """Jennrich's simultaneous diagonalisation of the whitened projected third moment."""
     eye = torch.eye(K, dtype=Y.dtype, device=Y.device)
-    M2 = (Y * w[:, None]).T @ Y - eye
+    both = _sum(torch.cat([((Y * w[:, None]).T @ Y).flatten(), w @ Y]), comm, "mom_m2")
+    M2, m1 = both[: K * K].view(K, K) - eye, both[K * K :]
     evals, evecs = torch.linalg.eigh(0.5 * (M2 + M2.T))
+    evecs = canonical_signs(evecs)  # the random contractions below must see the same basis on every run
     if float(evals.min()) <= 1e-12 * max(float(evals.max()), 1e-300):
         raise np.linalg.LinAlgError("the projected second moment is not positive definite")
     Wm = evecs / evals.sqrt()  # Wm^T M2 Wm = I
     Yw = Y @ Wm  # (S, K)
-    m1w = Wm.T @ (w @ Y)  # whitened first moment
+    m1w = Wm.T @ m1  # whitened first moment
     G = Wm.T @ Wm  # whitened identity, for the sym(z (x) I) correction
 
     def T_contract(eta: Tensor) -> Tensor:
         """``M3(Wm, Wm, Wm . eta)``: a ``(K, K)`` symmetric matrix."""
         s = Yw @ eta
-        first = (Yw * (w * s)[:, None]).T @ Yw
+        first = _sum((Yw * (w * s)[:, None]).T @ Yw, comm, "mom_m3")
         ge = G @ eta
         corr = torch.outer(m1w, ge) + torch.outer(ge, m1w) + G * float(m1w @ eta)
         return first - corr
@@ -223,9 +234,10 @@ def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator) -> tuple[n
     V = best
     atoms, alphas = [], []
     Wm_inv_T = torch.linalg.inv(Wm).T  # maps whitened vectors back: b = Wm^{-T} u / sqrt(alpha)
+    cubes = _sum(((Yw @ V) ** 3 * w[:, None]).sum(0), comm, "mom_t3")
     for k in range(K):
         u = V[:, k]
-        t3 = float(((Yw @ u) ** 3 * w).sum() - 3 * float(m1w @ u) * float(u @ G @ u))
+        t3 = float(cubes[k] - 3 * float(m1w @ u) * float(u @ G @ u))
         if abs(t3) < 1e-12:
             raise np.linalg.LinAlgError("a component of the third moment vanishes")
         alphas.append(1.0 / t3**2)
@@ -270,9 +282,9 @@ def mom_estimate(
     Y = moments.project(U)  # (S, K)
     try:
         if method == "tensor":
-            atoms, alpha = _tensor_route(Y, moments.pihat, K, gen)
+            atoms, alpha = _tensor_route(Y, moments.pihat, K, gen, moments.comm)
         else:
-            atoms, alpha = _univariate_route(Y, moments.pihat, K, moments.n_tokens, gen)
+            atoms, alpha = _univariate_route(Y, moments.pihat, K, moments.n_tokens, gen, comm=moments.comm)
     except (np.linalg.LinAlgError, torch.linalg.LinAlgError, ValueError) as err:
         return MoMResult(None, None, method, False, f"{type(err).__name__}: {err}", subspace=U)
     if not (np.all(np.isfinite(atoms)) and np.all(np.isfinite(alpha)) and np.all(alpha > 0)):

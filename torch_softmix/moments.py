@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .data import TokenCounts
-from .kernels import row_chunks
+from .kernels import first_row, row_chunks
 
 #: Eigenvalues of the design covariance below this fraction of the largest are treated as zero.
 RANK_RTOL = 1e-8
@@ -46,21 +46,29 @@ class Whitening:
         return self.W.shape[1]
 
     @classmethod
-    def from_design(cls, X: Tensor, chunk_size: int | None = None) -> Whitening:
-        """Mean and covariance of the ``p`` rows of ``X (p, L)``, in one chunked float64 pass."""
-        p, L = X.shape
-        s1 = torch.zeros(L, dtype=torch.float64, device=X.device)
-        s2 = torch.zeros(L, L, dtype=torch.float64, device=X.device)
-        shift = X[0].to(torch.float64)  # shifted sums: no cancellation when |mean| >> spread
+    def from_design(cls, X: Tensor, chunk_size: int | None = None, comm=None) -> Whitening:
+        """Mean and covariance of the ``p`` rows of ``X (p, L)``, in one chunked float64 pass.
+
+        With a ``comm`` over several ranks, ``X`` is this rank's rows: the sums are all-reduced
+        (``L^2 + L + 1`` numbers, once).
+        """
+        L = X.shape[1]
+        s = torch.zeros(L * L + L + 1, dtype=torch.float64, device=X.device)
+        s1, s2 = s[:L], s[L : L + L * L].view(L, L)
+        shift = first_row(X, torch.float64, comm)  # shifted sums: no cancellation when |mean| >> spread
         for _, _, Xc in row_chunks(X, None, torch.float64, chunk_size):
             Xc = Xc - shift
             s1 += Xc.sum(0)
             s2 += Xc.T @ Xc
+        s[-1] = X.shape[0]
+        if comm is not None:
+            comm.sum(s, "whitening")
+        p = float(s[-1])
         mean_c = s1 / p
         cov = s2 / p - torch.outer(mean_c, mean_c)
         evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
         keep = evals > RANK_RTOL * float(evals.max().clamp_min(1e-300))
-        evals, evecs = evals[keep], evecs[:, keep]
+        evals, evecs = evals[keep], canonical_signs(evecs[:, keep])
         return cls(mean_c + shift, evecs / evals.sqrt(), (evecs * evals.sqrt()).T, evals)
 
     def to_gamma(self, beta: Tensor) -> Tensor:
@@ -88,10 +96,8 @@ class LatentMoments:
     support: Tensor
     whitening: Whitening
     chunk_size: int | None = None
-
-    @property
-    def n_distinct(self) -> int:
-        return int(self.support.numel())
+    n_distinct: int = 0  # over the whole vocabulary
+    comm: object | None = None  # a torch_softmix.dist.Comm when the support's rows are shared among ranks
 
     def project(self, U: Tensor) -> Tensor:
         """``Z_S U``: the whitened support rows projected on ``U (r, d)``, ``(S, d)`` float64."""
@@ -102,27 +108,39 @@ class LatentMoments:
 
 
 def latent_moments(
-    X: Tensor, counts: TokenCounts, whitening: Whitening, chunk_size: int | None = None
+    X: Tensor, counts: TokenCounts, whitening: Whitening, chunk_size: int | None = None, comm=None
 ) -> LatentMoments:
-    """``M1`` and ``M2`` from counts in one chunked pass over the support's rows (``O(|S| L r)``)."""
+    """``M1`` and ``M2`` from counts in one chunked pass over the support's rows (``O(|S| L r)``).
+
+    With a ``comm`` over several ranks, ``X`` and ``counts`` are this rank's rows; the moments are
+    all-reduced (``r^2 + r + 2`` numbers, once).
+    """
     support = counts.support
-    pihat = counts.values / counts.values.sum()
     r = whitening.rank
-    M1 = torch.zeros(r, dtype=torch.float64, device=X.device)
-    M2 = torch.zeros(r, r, dtype=torch.float64, device=X.device)
+    tot = torch.tensor([counts.values.sum(), support.numel()], dtype=torch.float64, device=X.device)
+    if comm is not None:
+        comm.sum(tot, "support_total")
+    pihat = counts.values / tot[0]
+    s = torch.zeros(r + r * r, dtype=torch.float64, device=X.device)
+    M1, M2 = s[:r], s[r:].view(r, r)
     for start, stop, Xc in row_chunks(X, support, torch.float64, chunk_size):
         Z = (Xc - whitening.mean) @ whitening.W
         w = pihat[start:stop]
         M1 += w @ Z
         M2 += (Z * w[:, None]).T @ Z
-    M2 -= torch.eye(r, dtype=M2.dtype, device=M2.device)
-    return LatentMoments(M1, 0.5 * (M2 + M2.T), pihat, counts.total, X, support, whitening, chunk_size)
+    if comm is not None:
+        comm.sum(s, "latent_moments")
+    M2 = M2 - torch.eye(r, dtype=M2.dtype, device=M2.device)
+    return LatentMoments(
+        M1, 0.5 * (M2 + M2.T), pihat, float(tot[0]), X, support, whitening, chunk_size, int(tot[1]), comm
+    )
 
 
-def hermite_moments(t: Tensor, w: Tensor, order: int) -> tuple[Tensor, Tensor]:
+def hermite_moments(t: Tensor, w: Tensor, order: int, comm=None) -> tuple[Tensor, Tensor]:
     """``m_r = sum_j w_j He_r(t_j)`` for ``r = 0..order`` and their sampling variances (per token).
 
     ``He_0 = 1, He_1 = t, He_{r+1} = t He_r - r He_{r-1}``. Returns two ``(order + 1,)`` float64 tensors.
+    With a ``comm``, ``t`` and ``w`` are this rank's part of the support and the sums are all-reduced.
     """
     h_prev, h = torch.ones_like(t), t.clone()
     ms, second = [w.sum()], [w.sum()]
@@ -130,15 +148,27 @@ def hermite_moments(t: Tensor, w: Tensor, order: int) -> tuple[Tensor, Tensor]:
         ms.append((w * h).sum())
         second.append((w * h * h).sum())
         h_prev, h = h, t * h - r * h_prev
-    m = torch.stack(ms)
-    return m, (torch.stack(second) - m * m).clamp_min(0)
+    both = torch.stack(ms + second)
+    if comm is not None:
+        comm.sum(both, "hermite")
+    m, m2 = both[: order + 1], both[order + 1 :]
+    return m, (m2 - m * m).clamp_min(0)
+
+
+def canonical_signs(V: Tensor) -> Tensor:
+    """Eigenvectors (columns of ``V``) with their largest-magnitude entry made positive: ``eigh`` may flip a
+    vector's sign when its matrix changes by rounding (another summation order, another number of ranks),
+    and random starts drawn in the subspace must not depend on that."""
+    idx = V.abs().argmax(dim=0)
+    signs = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
+    return V * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def subspace(moments: LatentMoments, K: int) -> tuple[Tensor, Tensor]:
     """Top-``K`` eigenvectors ``U (r, K)`` of ``M2`` and their eigenvalues ``(K,)`` (descending)."""
     evals, evecs = torch.linalg.eigh(moments.M2)
     order = torch.argsort(evals, descending=True)[:K]
-    return evecs[:, order], evals[order]
+    return canonical_signs(evecs[:, order]), evals[order]
 
 
 def subspace_starts(

@@ -71,13 +71,16 @@ class AtomState:
 
     @classmethod
     def from_beta(
-        cls, X: Tensor, beta: Tensor, bias: Tensor | None, dtype: torch.dtype, chunk_size: int | None = None
+        cls, X: Tensor, beta: Tensor, bias: Tensor | None, dtype: torch.dtype, chunk_size: int | None = None, comm=None
     ) -> AtomState:
+        """The state at ``beta``: one pass over ``X`` (this rank's rows with a ``comm``; ``A`` over all ranks)."""
         beta = beta.to(device=X.device, dtype=dtype).to(torch.float64)  # representable in the compute dtype
         lg = kernels.logits(X, beta, bias, dtype=dtype, chunk_size=chunk_size)
-        return cls(beta, lg, kernels.log_normalizer_from_logits(lg))
+        return cls(beta, lg, kernels.log_normalizer_from_logits(lg, comm))
 
-    def moved_to(self, X: Tensor, beta: Tensor, dtype: torch.dtype, chunk_size: int | None = None) -> AtomState:
+    def moved_to(
+        self, X: Tensor, beta: Tensor, dtype: torch.dtype, chunk_size: int | None = None, comm=None
+    ) -> AtomState:
         """The state at ``beta (K, L)``, its logits updated from these by ``X (beta - self.beta)^T``.
 
         One pass over ``X``, like :meth:`from_beta`, but the new logits carry the same rounding history as
@@ -86,7 +89,7 @@ class AtomState:
         beta = beta.to(device=X.device, dtype=dtype).to(torch.float64)
         step = (beta - self.beta).to(dtype)
         lg = self.logits + kernels.project(X, step, chunk_size=chunk_size).to(torch.float64)
-        return AtomState(beta, lg, kernels.log_normalizer_from_logits(lg))
+        return AtomState(beta, lg, kernels.log_normalizer_from_logits(lg, comm))
 
 
 def newton_direction(g: Tensor, H: Tensor) -> Tensor:
@@ -104,6 +107,11 @@ def newton_direction(g: Tensor, H: Tensor) -> Tensor:
     return g / scale[:, None]  # curvature unusable: a scaled gradient step still ascends
 
 
+def _sum(t: Tensor, comm, name: str) -> Tensor:
+    """A sum over the vocabulary, completed across ranks when the rows are shared among them."""
+    return comm.sum(t, name) if comm is not None else t
+
+
 def cg_direction(
     X: Tensor,
     s: Tensor,
@@ -114,6 +122,7 @@ def cg_direction(
     max_iter: int = 10,
     rtol: float = 1e-3,
     chunk_size: int | None = None,
+    comm=None,
 ) -> tuple[Tensor, int]:
     """Solve ``(W_k C_k + lam I) d_k = g_k`` for all ``k`` by Jacobi-preconditioned conjugate gradients.
 
@@ -123,12 +132,12 @@ def cg_direction(
     """
     dt = s.dtype
     Wd = W.to(torch.float64)
-    diag = Wd[:, None] * kernels.covariance_diagonal(X, s, m.to(dt), chunk_size).to(torch.float64) + lam
+    diag = Wd[:, None] * kernels.covariance_diagonal(X, s, m.to(dt), chunk_size, comm).to(torch.float64) + lam
     Minv = 1.0 / diag.clamp_min(torch.finfo(torch.float64).tiny)
     m_dt = m.to(dt)
 
     def apply(V: Tensor) -> Tensor:
-        CV = kernels.covariance_matvec(X, s, m_dt, V.to(dt), chunk_size).to(torch.float64)
+        CV = kernels.covariance_matvec(X, s, m_dt, V.to(dt), chunk_size, comm).to(torch.float64)
         return Wd[:, None] * CV + lam * V
 
     x = torch.zeros_like(g)
@@ -167,20 +176,29 @@ class MStepInfo:
     passes: int = 0
 
 
-def _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info: MStepInfo) -> Tensor:
+def _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info: MStepInfo, comm) -> Tensor:
     """The Newton direction ``(W C + lam I)^{-1} g`` per component, exactly or by CG; counts its passes."""
     if method == "newton":
-        C = kernels.covariance(X, s, m, chunk_size)
+        C = kernels.covariance(X, s, m, chunk_size, comm)
         info.passes += 1
         return newton_direction(g, m_hessian(C, W, lam))
-    d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size)
+    d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size, comm)
     info.cg_iters += n_cg
     info.passes += 1 + 2 * n_cg
     return d
 
 
 def armijo_steps(
-    log_s: Tensor, XD: Tensor, slope: Tensor, active: Tensor, S1d: Tensor, bd: Tensor, dd: Tensor, W: Tensor, lam: float
+    log_s: Tensor,
+    XD: Tensor,
+    slope: Tensor,
+    active: Tensor,
+    S1d: Tensor,
+    bd: Tensor,
+    dd: Tensor,
+    W: Tensor,
+    lam: float,
+    comm=None,
 ) -> tuple[Tensor, Tensor]:
     """Backtracking on the cached logits: the step size ``t (K,)`` (0 where none passes) and ``A(beta + t d) - A(beta)``.
 
@@ -194,7 +212,7 @@ def armijo_steps(
     accepted = torch.zeros(K, dtype=torch.bool, device=slope.device)
     dA = torch.zeros(K, dtype=torch.float64, device=slope.device)
     for _ in range(MAX_BACKTRACKS + 1):
-        dA_t = torch.logsumexp(log_s + t * XD, dim=0)
+        dA_t = kernels.log_normalizer_from_logits(log_s + t * XD, comm)
         gain = t * S1d - W * dA_t - lam * (t * bd + 0.5 * t * t * dd)
         ok = todo & (gain >= ARMIJO * t * slope)
         accepted |= ok
@@ -220,6 +238,7 @@ def newton_m_step(
     cg_max_iter: int = 10,
     cg_rtol: float = 1e-3,
     chunk_size: int | None = None,
+    comm=None,
 ) -> tuple[AtomState, MStepInfo]:
     """Up to ``max_steps`` damped Newton steps on every ``f_k``.
 
@@ -229,6 +248,8 @@ def newton_m_step(
         dtype: dtype of the products over ``X``.
         method: ``"newton"`` or ``"newton-cg"`` (``"auto"`` is resolved by the caller).
         tol: skip a component once its predicted gain ``g . d / 2`` is below ``tol`` (units of ``f``).
+        comm: a :class:`~torch_softmix.dist.Comm` when ``X`` and the cached logits are this rank's rows; every
+            sum over the vocabulary is then all-reduced (sizes ``K x L`` or ``K``, never ``p``).
 
     Components whose objective cannot be raised keep their atom (step size 0).
     """
@@ -237,10 +258,10 @@ def newton_m_step(
     beta, lg, A = state.beta, state.logits, state.A
     for _ in range(max_steps):
         s = kernels.probs_from_logits(lg, A, dtype)
-        m = kernels.weighted_sum(X, s, chunk_size=chunk_size)
+        m = _sum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
         info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
-        d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info)
+        d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info, comm)
         d = d.to(dtype).to(torch.float64)  # the step the products see, exactly
         slope = (g * d).sum(1)  # > 0 for an ascent direction
         active = (slope > 2 * tol) & (slope > 0) & torch.isfinite(slope)
@@ -249,7 +270,8 @@ def newton_m_step(
         info.newton_steps += 1
         XD = kernels.project(X, d.to(dtype), chunk_size=chunk_size).to(torch.float64)  # (p, K)
         info.passes += 1
-        t, dA = armijo_steps(lg - A, XD, slope, active, (S1 * d).sum(1), (beta * d).sum(1), (d * d).sum(1), W, lam)
+        dots = ((S1 * d).sum(1), (beta * d).sum(1), (d * d).sum(1))
+        t, dA = armijo_steps(lg - A, XD, slope, active, *dots, W, lam, comm)
         beta = beta + t[:, None] * d
         lg = lg + t * XD
         A = A + dA

@@ -52,27 +52,33 @@ def marginal_objective(
     lam: float,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
+    comm=None,
 ) -> tuple[float, float, Tensor, Tensor]:
     """``F`` (penalised, total), the log-likelihood (total) and the gradients ``dF/dbeta (K, L)`` and
     ``dF/du (K,)`` at atoms ``beta (K, L)`` and weight logits ``u (K,)``, all in float64.
 
     Two passes over ``X`` (the logits, then the softmax means ``m(beta_k)``); the E-step runs on the
-    support of the counts.
+    support of the counts. With a ``comm`` over several ranks, ``X`` and ``counts`` are this rank's rows and
+    the sums are all-reduced (``A``, then the statistics, ``m`` and ``N`` together).
     """
     lg = kernels.logits(X, beta, bias, dtype=torch.float64, chunk_size=chunk_size)  # (p, K)
-    A = kernels.log_normalizer_from_logits(lg)
+    A = kernels.log_normalizer_from_logits(lg, comm)
     log_alpha = torch.log_softmax(u, 0)
     stats = kernels.e_step_from_logits(
         X, lg.index_select(0, counts.support), log_alpha, A, counts.support, counts.values, torch.float64, chunk_size
     )
     m = kernels.weighted_sum(X, kernels.probs_from_logits(lg, A, torch.float64), chunk_size=chunk_size)
+    N = counts.total
+    if comm is not None and comm.distributed:
+        K, L = m.shape
+        local = [m.flatten(), stats.loglik.reshape(1), stats.W, stats.S1.flatten(), stats.loglik.new_tensor([N])]
+        packed = comm.sum(torch.cat(local), "marginal")
+        m, rest = packed[: K * L].view(K, L), packed[K * L :]
+        stats = kernels.EStepStats(rest[0], rest[1 : K + 1], rest[K + 1 : K + 1 + K * L].view(K, L))
+        N = float(rest[-1])
     F = float(stats.loglik) - penalty(beta, lam)
-    return (
-        F,
-        float(stats.loglik),
-        atom_gradient(beta, m, stats.W, stats.S1, lam),
-        weight_gradient(stats.W, log_alpha, counts.total),
-    )
+    g_beta = atom_gradient(beta, m, stats.W, stats.S1, lam)
+    return F, float(stats.loglik), g_beta, weight_gradient(stats.W, log_alpha, N)
 
 
 def n_parameters(n_components: int, hidden_size: int) -> int:

@@ -54,8 +54,9 @@ class _Closure:
     """``-F / N`` and its gradient over ``theta = (whitened atoms, weight logits)``, for ``torch.optim.LBFGS``;
     remembers the best point evaluated and the best objective after each evaluation."""
 
-    def __init__(self, X, counts, lam, bias, chunk_size, W: Tensor, K: int, on_iteration) -> None:
+    def __init__(self, X, counts, lam, bias, chunk_size, W: Tensor, K: int, on_iteration, comm, N: float) -> None:
         self.X, self.counts, self.lam, self.bias, self.chunk_size = X, counts, lam, bias, chunk_size
+        self.comm, self.N = comm, N
         self.W, self.K, self.on_iteration = W, K, on_iteration
         self.best: dict = {}
         self.trace: list[float] = []
@@ -70,10 +71,12 @@ class _Closure:
 
     @torch.no_grad()
     def __call__(self) -> Tensor:
-        theta, N = self.theta, self.counts.total
+        theta, N = self.theta, self.N
         self.n_evals += 1
         b, u = self.unpack(theta)
-        F, ll, g_beta, g_u = marginal_objective(self.X, self.counts, b, u, self.lam, self.bias, self.chunk_size)
+        F, ll, g_beta, g_u = marginal_objective(
+            self.X, self.counts, b, u, self.lam, self.bias, self.chunk_size, self.comm
+        )
         theta.grad = -torch.cat([(g_beta @ self.W).flatten(), g_u]) / N
         if not self.best or F > self.best["F"]:
             self.best.update(F=F, ll=ll, theta=theta.detach().clone())
@@ -97,6 +100,8 @@ def polish(
     history_size: int = 30,
     chunk_size: int | None = None,
     on_iteration: Callable[[int, float], None] | None = None,
+    comm=None,
+    n_tokens: float | None = None,
 ) -> PolishResult:
     """L-BFGS (strong Wolfe line search) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
 
@@ -105,12 +110,16 @@ def polish(
     projected on the directions the whitening keeps (all of them for a full-rank design; dropped ones
     carry less than 1e-8 of the largest variance). :class:`~torch_softmix.em.EMFitter` keeps the result
     only if it beats EM's own final objective. ``on_iteration(n_iter, best_objective_per_token)`` is called
-    after each function evaluation (progress bars).
+    after each function evaluation (progress bars). With a ``comm`` over several ranks, ``X`` and ``counts``
+    are this rank's rows and ``n_tokens`` the total over all ranks; every rank runs the same L-BFGS on the
+    same all-reduced objective.
     """
     dev = X.device
     gamma0 = beta.to(device=dev, dtype=torch.float64) @ whitening.W_inv.to(dev).T  # (K, r)
     u0 = log_alpha.to(device=dev, dtype=torch.float64).clamp_min(-50.0)  # a collapsed component: finite
-    closure = _Closure(X, counts, lam, bias, chunk_size, whitening.W.to(dev), gamma0.shape[0], on_iteration)
+    N = counts.total if n_tokens is None else n_tokens
+    W = whitening.W.to(dev)
+    closure = _Closure(X, counts, lam, bias, chunk_size, W, gamma0.shape[0], on_iteration, comm, N)
     closure.theta = torch.cat([gamma0.flatten(), u0]).requires_grad_(True)
     max_eval = int(max_iter * 1.25) + 10
     closure.opt = torch.optim.LBFGS(
@@ -126,7 +135,6 @@ def polish(
     closure.opt.step(closure)
     n_iter = int(closure.opt.state[closure.theta].get("n_iter", 0))
     b, u = closure.unpack(closure.best["theta"])
-    N = counts.total
     return PolishResult(
         beta=b,
         log_alpha=torch.log_softmax(u, 0),

@@ -159,6 +159,7 @@ def polish_phase(problem: FitProblem, result: RunResult, sched: Schedule, bars: 
     pr = polish(
         problem.X, problem.counts, st.beta, st.log_alpha, problem.lam, problem.design.whitening, bias=problem.bias,
         max_iter=sched.polish_iter, tol=problem.tol, chunk_size=problem.chunk_size, on_iteration=on_iteration,
+        comm=problem.comm, n_tokens=problem.n_tokens,
     )  # fmt: skip
     point = problem.evaluate(problem.state(pr.log_alpha.exp(), pr.beta))
     kept = point.objective >= result.point.objective

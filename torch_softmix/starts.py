@@ -41,11 +41,35 @@ MOM_METHODS = ("tensor", "univariate")
 FALLBACK_STARTS = 10
 
 
-def random_start(X: Tensor, n_components: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``alpha (K,)`` uniform and atoms ``(K, L)`` drawn ``N(0, I / tr(Cov X))`` (logits of unit spread)."""
-    total_var = float(kernels.column_variance(X).sum())
+def random_start(
+    X: Tensor, n_components: int, gen: torch.Generator, total_var: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """``alpha (K,)`` uniform and atoms ``(K, L)`` drawn ``N(0, I / tr(Cov X))`` (logits of unit spread).
+
+    ``total_var`` is ``tr(Cov X)`` when known (a :class:`~torch_softmix.design.Design` caches it).
+    """
+    total_var = float(kernels.column_variance(X).sum()) if total_var is None else total_var
     beta = torch.randn(n_components, X.shape[1], generator=gen, dtype=torch.float64) / math.sqrt(max(total_var, 1e-300))
     return torch.full((n_components,), 1.0 / n_components, dtype=torch.float64), beta
+
+
+def frequent_rows(X: Tensor, counts: TokenCounts, top: int, comm=None, offset: int = 0) -> tuple[Tensor, Tensor]:
+    """The counts ``(T,)`` and rows ``(T, L)`` (float64) of the ``top`` most frequent tokens, ties broken by id.
+
+    With a ``comm`` over several ranks each rank proposes its own ``top`` and the global ones are kept, in
+    the same order as a single process would find them.
+    """
+    _, order = torch.sort(counts.values, descending=True, stable=True)  # support is sorted: ties by id
+    order = order[:top]
+    ids = (counts.support[order] + offset).to(torch.float64)
+    local = torch.cat([ids[:, None], counts.values[order, None], X.index_select(0, counts.support[order]).double()], 1)
+    if comm is None or not comm.distributed:
+        return local[:, 1], local[:, 2:]
+    every = torch.cat(comm.gather(local, "frequent_rows"))
+    every = every[torch.argsort(every[:, 0])]  # by id, then stably by count
+    _, order = torch.sort(every[:, 1], descending=True, stable=True)
+    every = every[order[:top]]
+    return every[:, 1], every[:, 2:]
 
 
 def weighted_kmeans(Y: Tensor, w: Tensor, K: int, gen: torch.Generator, n_iter: int = 30) -> tuple[Tensor, Tensor]:
@@ -92,32 +116,34 @@ def kmeans_start(
     dtype: torch.dtype = torch.float32,
     newton_steps: int = 8,
     chunk_size: int | None = None,
+    comm=None,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``alpha (K,)`` and atoms ``(K, L)`` from count-weighted spherical k-means of the ``top`` most frequent
     tokens' whitened embeddings (``whitening``: a :class:`~torch_softmix.moments.Whitening`).
 
     Each atom is the ridge-penalised moment match of its cluster: ``m(beta_k) ~ mean embedding of the
     cluster``. On SmolLM2 next-token mixtures the clusters of the 300 most frequent tokens were ~90% pure
-    (mass-weighted) against the true components, against ~70% for raw embeddings.
+    (mass-weighted) against the true components, against ~70% for raw embeddings. With a ``comm`` over
+    several ranks, ``X`` and ``counts`` are this rank's rows (starting at global row ``offset``): the frequent
+    tokens are gathered from every rank (``top x (L + 2)`` numbers per rank, once).
     """
     K = n_components
-    support, n = counts.support, counts.values
-    if support.numel() < K:
-        raise ValueError(f"k-means start needs at least K = {K} distinct tokens, got {support.numel()}")
-    order = torch.argsort(n, descending=True)[: max(K, min(top, support.numel()))]
-    rows, weights = support[order], n[order]
-    Xs = X.index_select(0, rows).to(torch.float64)
-    feats = Xs - kernels.column_mean(X).to(Xs) if whitening is None else (Xs - whitening.mean) @ whitening.W
+    weights, Xs = frequent_rows(X, counts, max(K, top), comm, offset)
+    if weights.numel() < K:
+        raise ValueError(f"k-means start needs at least K = {K} distinct tokens, got {weights.numel()}")
+    feats = Xs - kernels.column_mean(X, comm=comm).to(Xs) if whitening is None else (Xs - whitening.mean) @ whitening.W
     labels, _ = weighted_kmeans(feats, weights, K, gen)
-    G = torch.zeros(rows.numel(), K, dtype=torch.float64, device=X.device)
-    G[torch.arange(rows.numel(), device=X.device), labels] = weights
+    G = torch.zeros(weights.numel(), K, dtype=torch.float64, device=X.device)
+    G[torch.arange(weights.numel(), device=X.device), labels] = weights
     W = G.sum(0)
     S1 = G.T @ Xs
-    state = AtomState.from_beta(X, torch.zeros(K, X.shape[1], dtype=torch.float64), bias, dtype, chunk_size)
+    state = AtomState.from_beta(X, torch.zeros(K, X.shape[1], dtype=torch.float64), bias, dtype, chunk_size, comm)
     for _ in range(newton_steps):
         state, _ = newton_m_step(
-            X, state, W, S1, ridge * float(W.sum()), dtype=dtype, method="newton-cg", chunk_size=chunk_size
-        )
+            X, state, W, S1, ridge * float(W.sum()), dtype=dtype, method="newton-cg", chunk_size=chunk_size,
+            comm=comm,
+        )  # fmt: skip
     alpha = (W + 1e-12) / (W.sum() + K * 1e-12)
     return alpha, state.beta
 
@@ -192,14 +218,16 @@ def given_start(init: Any, n_components: int, hidden_size: int) -> Start:
 
 @register_start("random")
 def _random_starts(req: StartRequest) -> tuple[list[Start], dict]:
-    starts = [random_start(req.design.X, req.n_components, req.generator) for _ in range(req.n_init)]
+    total_var = float(req.design.column_variance.sum())
+    starts = [random_start(req.design.X, req.n_components, req.generator, total_var) for _ in range(req.n_init)]
     return [Start(f"random-{i}", a, b) for i, (a, b) in enumerate(starts)], {}
 
 
 @register_start("kmeans")
 def _kmeans_starts(req: StartRequest) -> tuple[list[Start], dict]:
     d = req.design
-    kw = dict(whitening=d.whitening, bias=d.bias, ridge=req.ridge, dtype=req.dtype, chunk_size=d.chunk_size)
+    kw = dict(whitening=d.whitening, bias=d.bias, ridge=req.ridge, dtype=req.dtype, chunk_size=d.chunk_size,
+              comm=d.comm, offset=d.lo)  # fmt: skip
     starts = [kmeans_start(d.X, req.counts, req.n_components, req.generator, **kw) for _ in range(req.n_init)]
     return [Start(f"kmeans-{i}", a, b) for i, (a, b) in enumerate(starts)], {}
 
@@ -212,13 +240,13 @@ def _subspace(req: StartRequest, moments, n: int) -> list[Start]:
 @register_start("subspace")
 def _subspace_starts(req: StartRequest) -> tuple[list[Start], dict]:
     d = req.design
-    return _subspace(req, latent_moments(d.X, req.counts, d.whitening, d.chunk_size), req.n_init), {}
+    return _subspace(req, latent_moments(d.X, req.counts, d.whitening, d.chunk_size, d.comm), req.n_init), {}
 
 
 @register_start("mom")
 def _mom_starts(req: StartRequest) -> tuple[list[Start], dict]:
     d = req.design
-    moments = latent_moments(d.X, req.counts, d.whitening, d.chunk_size)
+    moments = latent_moments(d.X, req.counts, d.whitening, d.chunk_size, d.comm)
     mom = mom_estimate(
         d.X,
         req.counts,

@@ -1,0 +1,95 @@
+"""Vocabulary-parallel fits and data-parallel sampling on several processes (gloo, CPU), against one process."""
+
+import re
+import time
+
+import pytest
+import torch
+
+from torch_softmix.dist import Comm, row_range
+
+from . import dist_worker as dw
+
+FIT_TASKS = ["given", "default", "kmeans", "random-newton"]
+
+
+def test_row_ranges_cover_the_vocabulary_unevenly():
+    for p, world in [(1001, 2), (1001, 3), (7, 4), (3, 3)]:
+        ranges = [row_range(p, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == p
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(h - lo for lo, h in ranges) - min(h - lo for lo, h in ranges) <= 1
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dw.run_tasks(Comm(), FIT_TASKS + ["count"], {})
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from .tiny_models import build_tiny_model
+
+    return str(build_tiny_model("llama", tmp_path_factory.mktemp("dist_llama")))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_several_processes_fit_as_one_and_sample_the_same_counts(world_size, reference, tiny_model_dir, tmp_path):
+    args = {"out_dir": str(tmp_path), "model_dir": tiny_model_dir}
+    results = dw.launch(world_size, FIT_TASKS + ["count", "sample"], args)
+    assert all(r is not None for r in results), "a rank did not finish"
+    for name in FIT_TASKS:
+        ref = reference[name]
+        for rank, res in enumerate(results):
+            got = res[name]
+            assert got["init_names"] == ref["init_names"], (name, rank)
+            torch.testing.assert_close(got["beta"], ref["beta"], rtol=1e-6, atol=1e-9, msg=f"{name} rank {rank}")
+            torch.testing.assert_close(got["log_alpha"], ref["log_alpha"], rtol=1e-6, atol=1e-9)
+            assert got["objective"] == pytest.approx(ref["objective"], rel=1e-9)
+    # the same collectives per EM iteration whatever p: sizes are those of the parameters
+    K, L = dw.K, dw.L
+    per_iter = results[0]["count"]
+    for p in (1001, 4003):
+        for it in per_iter[p]:
+            sizes = {name: b // max(c, 1) for name, (c, b) in it.items() if c}
+            assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + K * L)
+            assert it["softmax_mean"][0] == 1 and sizes["softmax_mean"] == 8 * K * L
+            assert it["cg_diag"][0] == 1 and sizes["cg_matvec"] == 8 * K * L
+            assert sizes["A:max"] == sizes["A:sum"] == 8 * K and it["A:max"][0] == it["A:sum"][0] >= 1
+            assert set(it) <= {"e_step", "softmax_mean", "cg_diag", "cg_matvec", "A:max", "A:sum"}
+    assert [sorted(i) for i in per_iter[1001]] == [sorted(i) for i in per_iter[4003]]
+    # data-parallel sampling: the same total counts however the work is split
+    from torch_softmix import hf
+
+    for res in results:
+        assert torch.equal(res["sample"]["next"], results[0]["sample"]["next"])
+    if world_size == 2:
+        single = dw.run_tasks(Comm(), ["sample"], {"out_dir": str(tmp_path / "one"), "model_dir": tiny_model_dir})
+        assert torch.equal(single["sample"]["next"], results[0]["sample"]["next"])
+        assert torch.equal(single["sample"]["streams"], results[0]["sample"]["streams"])
+        folder = results[0]["sample"]["folder"]
+        from_disk = hf.counts_from_shards(folder, results[0]["sample"]["next"].numel())
+        assert torch.equal(from_disk.dense().long(), results[0]["sample"]["next"].long())
+
+
+def test_a_killed_rank_is_named_and_the_fit_resumes_on_another_world_size(tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    timeout = 20
+    args = {"out_dir": str(tmp_path / "kill"), "checkpoint": str(ckpt), "victim": 1, "kill_at": 9, "timeout": timeout}
+    t0 = time.time()
+    results = dw.launch(2, ["kill"], args, join_timeout=timeout + 60)
+    assert results[1] is None  # the victim died
+    err = results[0]["kill"]["error"]
+    assert err is not None and re.search(r"rank 1\b", err), err
+    died_at = float((tmp_path / "kill" / "died_at").read_text())
+    assert results[0]["kill"]["caught_at"] - died_at < timeout + 5
+    assert time.time() - t0 < timeout + 60
+    assert ckpt.exists()
+    straight = dw.run_tasks(Comm(), ["resume"], {"checkpoint": str(tmp_path / "straight.ckpt")})["resume"]
+    resumed = dw.launch(3, ["resume"], {"out_dir": str(tmp_path / "resume"), "checkpoint": str(ckpt)})
+    for res in resumed:
+        got = res["resume"]
+        assert abs(got["n_iter"] - straight["n_iter"]) <= 2  # refreshed logits may end it an iteration apart
+        torch.testing.assert_close(got["beta"], straight["beta"], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got["log_alpha"], straight["log_alpha"], rtol=1e-6, atol=1e-9)
