@@ -83,15 +83,18 @@ class Comm:
         self.bytes.clear()
 
     # ------------------------------------------------------------------ collectives
-    def _reduce(self, t: Tensor, op, name: str) -> Tensor:
-        if not self.distributed:
-            return t
+    def _call(self, name: str, nbytes: int, fn) -> None:
+        """Run one collective ``fn()``, counting it; a failure becomes a :class:`RankFailure`."""
         self.calls[name] += 1
-        self.bytes[name] += t.numel() * t.element_size()
+        self.bytes[name] += nbytes
         try:
-            tdist.all_reduce(t, op=op, group=self.group)
+            fn()
         except RuntimeError as err:
             raise self.failure(name, err) from err
+
+    def _reduce(self, t: Tensor, op, name: str) -> Tensor:
+        if self.distributed:
+            self._call(name, t.numel() * t.element_size(), lambda: tdist.all_reduce(t, op=op, group=self.group))
         return t
 
     def sum(self, t: Tensor, name: str = "sum") -> Tensor:
@@ -121,25 +124,15 @@ class Comm:
         padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[: t.shape[0]] = t
         out = [torch.empty_like(padded) for _ in range(self.world_size)]
-        self.calls[name] += 1
-        self.bytes[name] += padded.numel() * padded.element_size() * self.world_size
-        try:
-            tdist.all_gather(out, padded, group=self.group)
-        except RuntimeError as err:
-            raise self.failure(name, err) from err
+        nbytes = padded.numel() * padded.element_size() * self.world_size
+        self._call(name, nbytes, lambda: tdist.all_gather(out, padded, group=self.group))
         return [o[: int(k)] for o, k in zip(out, n)]
 
     def broadcast(self, t: Tensor, src: int = 0, name: str = "broadcast") -> Tensor:
         """``t`` from rank ``src`` on every rank (in place on a contiguous tensor; returns it)."""
-        if not self.distributed:
-            return t
-        t = t.contiguous()
-        self.calls[name] += 1
-        self.bytes[name] += t.numel() * t.element_size()
-        try:
-            tdist.broadcast(t, src=src, group=self.group)
-        except RuntimeError as err:
-            raise self.failure(name, err) from err
+        if self.distributed:
+            t = t.contiguous()
+            self._call(name, t.numel() * t.element_size(), lambda: tdist.broadcast(t, src=src, group=self.group))
         return t
 
     def broadcast_object(self, obj):
