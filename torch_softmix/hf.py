@@ -30,7 +30,7 @@ from .design import Design
 from .dist import Comm
 from .em import LM_FIT_DEFAULTS, lm_fitter
 from .head import SoftmaxMixtureHead
-from .io import atomic_write_bytes, embedding_fingerprint, read_shard, read_shard_metadata, write_shard
+from .io import atomic_write_bytes, read_shard, read_shard_metadata, write_shard
 from .validation import check_int, check_number, check_simplex
 
 __all__ = [
@@ -129,9 +129,10 @@ def output_design(model: nn.Module, layer: nn.Module | None = None) -> Design:
         "vocab_size": int(X.shape[0]),
         "hidden_size": int(X.shape[1]),
         "logit_scale": scale,
-        "embedding_fingerprint": embedding_fingerprint(X, b),
     }
-    return Design(X, b, identity=identity)
+    design = Design(X, b, identity=identity)
+    design.identity["embedding_fingerprint"] = design.fingerprint  # computed once, cached on the design
+    return design
 
 
 def _encode(tokenizer, prompt: str, device: torch.device) -> dict[str, Tensor]:

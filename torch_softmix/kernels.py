@@ -91,8 +91,9 @@ def probs_from_logits(logits_all: Tensor, A: Tensor, dtype: torch.dtype) -> Tens
     return torch.exp(logits_all - A).to(dtype)
 
 
-def _allsum(t: Tensor, comm, name: str) -> Tensor:
-    """Complete a sum over the vocabulary across ranks (identity with one rank)."""
+def allsum(t: Tensor, comm, name: str) -> Tensor:
+    """Complete a sum over the vocabulary across ranks: ``comm.sum`` when ``comm`` spans several ranks, else
+    ``t`` itself (the one place the fit decides whether a sum needs communication)."""
     return comm.sum(t, name) if comm is not None and comm.distributed else t
 
 
@@ -107,7 +108,7 @@ def covariance(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None = None, c
     for start, stop, Xc in row_chunks(X, None, s.dtype, chunk_size):
         for k in range(K):
             C[k].addmm_(Xc.T, Xc * s[start:stop, k : k + 1])
-    C = _allsum(C, comm, "hessian")
+    C = allsum(C, comm, "hessian")
     C -= m[:, :, None] * m[:, None, :]
     return 0.5 * (C + C.transpose(1, 2))
 
@@ -117,7 +118,7 @@ def covariance_diagonal(X: Tensor, s: Tensor, m: Tensor, chunk_size: int | None 
     out = torch.zeros_like(m)
     for start, stop, Xc in row_chunks(X, None, s.dtype, chunk_size):
         out.addmm_(s[start:stop].T, Xc * Xc)
-    return (_allsum(out, comm, "cg_diag") - m * m).clamp_min(0)
+    return (allsum(out, comm, "cg_diag") - m * m).clamp_min(0)
 
 
 def covariance_matvec(
@@ -131,7 +132,7 @@ def covariance_matvec(
     out = torch.zeros_like(V)
     for start, stop, Xc in row_chunks(X, None, V.dtype, chunk_size):
         out.addmm_((s[start:stop] * (Xc @ V.T)).T, Xc)
-    return _allsum(out, comm, "cg_matvec") - m * (m * V).sum(1, keepdim=True)
+    return allsum(out, comm, "cg_matvec") - m * (m * V).sum(1, keepdim=True)
 
 
 @dataclass

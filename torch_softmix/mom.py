@@ -24,6 +24,7 @@ from scipy.optimize import least_squares
 from torch import Tensor
 
 from .data import TokenCounts
+from .kernels import allsum
 from .moments import LatentMoments, Whitening, canonical_signs, hermite_moments, latent_moments, subspace
 from .validation import make_generator
 
@@ -197,15 +198,10 @@ def _univariate_route(
     return best
 
 
-def _sum(t: Tensor, comm, name: str) -> Tensor:
-    """A sum over the support, completed across ranks when the support is shared among them."""
-    return comm.sum(t, name) if comm is not None else t
-
-
 def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator, comm=None) -> tuple[np.ndarray, np.ndarray]:
     """Jennrich's simultaneous diagonalisation of the whitened projected third moment."""
     eye = torch.eye(K, dtype=Y.dtype, device=Y.device)
-    both = _sum(torch.cat([((Y * w[:, None]).T @ Y).flatten(), w @ Y]), comm, "mom_m2")
+    both = allsum(torch.cat([((Y * w[:, None]).T @ Y).flatten(), w @ Y]), comm, "mom_m2")
     M2, m1 = both[: K * K].view(K, K) - eye, both[K * K :]
     evals, evecs = torch.linalg.eigh(0.5 * (M2 + M2.T))
     evecs = canonical_signs(evecs)  # the random contractions below must see the same basis on every run
@@ -219,7 +215,7 @@ def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator, comm=None)
     def T_contract(eta: Tensor) -> Tensor:
         """``M3(Wm, Wm, Wm . eta)``: a ``(K, K)`` symmetric matrix."""
         s = Yw @ eta
-        first = _sum((Yw * (w * s)[:, None]).T @ Yw, comm, "mom_m3")
+        first = allsum((Yw * (w * s)[:, None]).T @ Yw, comm, "mom_m3")
         ge = G @ eta
         corr = torch.outer(m1w, ge) + torch.outer(ge, m1w) + G * float(m1w @ eta)
         return first - corr
@@ -234,7 +230,7 @@ def _tensor_route(Y: Tensor, w: Tensor, K: int, gen: torch.Generator, comm=None)
     V = best
     atoms, alphas = [], []
     Wm_inv_T = torch.linalg.inv(Wm).T  # maps whitened vectors back: b = Wm^{-T} u / sqrt(alpha)
-    cubes = _sum(((Yw @ V) ** 3 * w[:, None]).sum(0), comm, "mom_t3")
+    cubes = allsum(((Yw @ V) ** 3 * w[:, None]).sum(0), comm, "mom_t3")
     for k in range(K):
         u = V[:, k]
         t3 = float(cubes[k] - 3 * float(m1w @ u) * float(u @ G @ u))

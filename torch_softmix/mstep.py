@@ -107,11 +107,6 @@ def newton_direction(g: Tensor, H: Tensor) -> Tensor:
     return g / scale[:, None]  # curvature unusable: a scaled gradient step still ascends
 
 
-def _sum(t: Tensor, comm, name: str) -> Tensor:
-    """A sum over the vocabulary, completed across ranks when the rows are shared among them."""
-    return comm.sum(t, name) if comm is not None else t
-
-
 def cg_direction(
     X: Tensor,
     s: Tensor,
@@ -258,7 +253,7 @@ def newton_m_step(
     beta, lg, A = state.beta, state.logits, state.A
     for _ in range(max_steps):
         s = kernels.probs_from_logits(lg, A, dtype)
-        m = _sum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
+        m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
         info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
         d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info, comm)
