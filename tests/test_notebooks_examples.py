@@ -69,6 +69,17 @@ def test_streams_example(tmp_path):
     ]
 
 
+@pytest.mark.slow
+@needs_smollm2
+def test_mos_head_example(tmp_path):
+    pytest.importorskip("lightning")
+    args = ["--train-tokens", "2000", "--val-tokens", "600", "--em-tokens", "5000", "--polish-iter", "20",
+            "--max-steps", "4", "--out", str(tmp_path)]
+    out = run_example("mos_head.py", *args)
+    assert "outputs identical = True" in out and "generated with the conditional head" in out
+    assert (tmp_path / "last" / "mos_head.safetensors").is_file()
+
+
 def _execute(path: Path, tmp_path: Path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

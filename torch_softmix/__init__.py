@@ -8,6 +8,7 @@ from .data import TokenCounts
 from .design import Design
 from .em import ConvergenceWarning, EMFitter
 from .head import SoftmaxMixtureHead
+from .mos import MixtureOfSoftmaxesHead
 from .search import FitEvent
 from .system import tune_memory_allocator
 
@@ -16,6 +17,7 @@ __all__ = [
     "Design",
     "EMFitter",
     "FitEvent",
+    "MixtureOfSoftmaxesHead",
     "SoftmaxMixtureHead",
     "TokenCounts",
     "tune_memory_allocator",

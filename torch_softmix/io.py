@@ -129,6 +129,60 @@ def read_head_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
     return _read(path, FORMAT_NAME, FORMAT_VERSION, "head", ("log_alpha", "beta"))
 
 
+MOS_FORMAT = "torch_softmix.mos_head"
+MOS_VERSION = 1
+MOS_TENSORS = ("gate_weight", "gate_bias", "down", "up", "offset")
+
+
+def write_mos_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:
+    """Atomically write a :class:`~torch_softmix.mos.MixtureOfSoftmaxesHead`'s parameters with ``metadata``."""
+    _write(path, MOS_FORMAT, MOS_VERSION, tensors, metadata)
+
+
+def read_mos_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a file written by :func:`write_mos_file`, checking its format, version and tensors."""
+    return _read(path, MOS_FORMAT, MOS_VERSION, "mixture-of-softmaxes head", MOS_TENSORS)
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` recorded in a safetensors file's metadata (``None`` when there is none)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def check_saved_design(
+    path: str | os.PathLike,
+    meta: dict[str, str],
+    hidden_size: int,
+    embedding: Tensor,
+    bias: Tensor | None,
+    check_embedding: bool,
+) -> None:
+    """Refuse to load a head saved for another design: sizes, bias presence and (optionally) fingerprint."""
+    p, L = embedding.shape
+    if int(meta.get("vocab_size", p)) != p or hidden_size != L:
+        raise ValueError(
+            f"{str(path)!r} was fitted on an embedding of shape ({meta.get('vocab_size')}, {hidden_size}), "
+            f"but the embedding given has shape ({p}, {L})"
+        )
+    if json.loads(meta.get("has_bias", "false")) != (bias is not None):
+        raise ValueError(
+            f"{str(path)!r} was fitted {'with' if bias is None else 'without'} an output bias; "
+            f"pass bias={'the model bias' if bias is None else 'None'}"
+        )
+    if check_embedding and meta.get("embedding_fingerprint") != embedding_fingerprint(embedding, bias):
+        raise ValueError(
+            f"{str(path)!r} was fitted on a different embedding (fingerprint {meta.get('embedding_fingerprint')} "
+            f"!= {embedding_fingerprint(embedding, bias)}); load it onto the model it was fitted on, "
+            "or pass check_embedding=False if you know the designs agree"
+        )
+
+
 SHARD_FORMAT = "torch_softmix.shard"
 SHARD_VERSION = 1
 
