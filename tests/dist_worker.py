@@ -72,7 +72,7 @@ def count_task(comm: Comm, args: dict) -> dict:
             last.clear()
             last.update(now)
 
-        fitter = EMFitter(K, init=truth, accelerate=None, m_step="newton-cg", max_iter=6, tol=0)
+        fitter = EMFitter(K, init=truth, accelerate=None, m_step="newton-cg", max_iter=6, tol=0, polish_iter=0)
         comm.reset_counts()
         fitter.fit(design, counts=counts, callback=snapshot)
         out[p] = per_iter[1:]  # the first delta also holds the start's E-step

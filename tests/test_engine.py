@@ -100,7 +100,7 @@ def test_score_bic_aic_and_lower_bounds():
 def test_convergence_warning_only_when_the_budget_ends_the_fit():
     X, b, truth, counts = _problem()
     with pytest.warns(ConvergenceWarning, match="max_iter=2"):
-        short = EMFitter(3, init=truth, max_iter=2)
+        short = EMFitter(3, init=truth, max_iter=2, polish_iter=0)
         short.fit(X, counts=counts)
     assert short.stop_reason_ == "max_iter" and not short.converged_
     with warnings.catch_warnings():
@@ -148,7 +148,7 @@ def test_checkpoint_key_covers_bias_start_and_search_settings(tmp_path):
 def test_max_iter_counts_iterations_after_screening():
     X, b, truth, counts = _problem()
     fitter = EMFitter(3, init="random", n_init=3, init_max_iter=4, max_iter=6, tol=0, accelerate=None,
-                      random_state=0)  # fmt: skip
+                      random_state=0, polish_iter=0)  # fmt: skip
     with pytest.warns(ConvergenceWarning):
         fitter.fit(X, counts=counts)
     assert fitter.n_iter_ == 4 + 6 and fitter.history_[-1]["iter"] == 10
@@ -157,7 +157,7 @@ def test_max_iter_counts_iterations_after_screening():
 def test_lower_bound_is_the_loglik_of_the_returned_head_in_float32():
     """Cached logits drift from X beta^T by rounding; the reported likelihood is recomputed from the atoms."""
     X, b, truth, counts = _problem(dtype=torch.float32, p=20_000, L=32, K=4, N=10**6, seed=5)
-    fitter = EMFitter(4, init="random", random_state=0, max_iter=150, tol=0, accelerate="squarem")
+    fitter = EMFitter(4, init="random", random_state=0, max_iter=150, tol=0, accelerate="squarem", polish_iter=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         head = fitter.fit(X, counts=counts)

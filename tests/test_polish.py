@@ -54,7 +54,7 @@ def test_polish_reaches_the_em_optimum_and_never_loses(problem):
 def test_fitter_polish_is_kept_and_improves_a_short_em(problem):
     X, truth, counts = problem
     start = sim.perturbed_start(truth, 0.3, seed=4)
-    short = EMFitter(3, init=start, max_iter=2, accelerate=None)
+    short = EMFitter(3, init=start, max_iter=2, accelerate=None, polish_iter=0)
     short.fit(X, counts=counts)
     polished = EMFitter(3, init=start, max_iter=2, accelerate=None, polish_iter=200)
     polished.fit(X, counts=counts)

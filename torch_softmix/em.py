@@ -35,6 +35,7 @@ from .validation import (
     Real,
     check_compute_dtype,
     check_device,
+    check_number,
     check_random_state,
     make_generator,
     validate_params,
@@ -57,6 +58,13 @@ def _check_init(name: str, value: Any) -> None:
             )
     elif not isinstance(value, (dict, SoftmaxMixtureHead)):
         raise TypeError(f"{name} must be a string, a SoftmaxMixtureHead or a dict, got {type(value).__name__}")
+
+
+def _check_rate(name: str, value: Any) -> None:
+    if value is not None:
+        check_number(name, value, strict=True)
+        if value >= 1:
+            raise ValueError(f"{name} must be in (0, 1) (a ratio of successive EM gains) or None, got {value!r}")
 
 
 class EMFitter:
@@ -82,7 +90,11 @@ class EMFitter:
         accelerate: ``"squarem"`` (default; an extrapolation every two EM iterations, kept only when not
             worse, so the fit stays monotone) or ``None``.
         polish_iter: after EM, up to this many L-BFGS iterations on the marginal likelihood
-            (:func:`~torch_softmix.polish.polish`); kept only if at least as good as EM. ``0``: none.
+            (:func:`~torch_softmix.polish.polish`, two passes over ``X`` each); kept only if at least as good
+            as EM. ``0``: none (EM alone, to convergence or ``max_iter``).
+        switch_rate: EM hands over to the L-BFGS phase as soon as its measured rate (a step's gain over the
+            previous step's) exceeds this: EM is fast while it makes big moves, L-BFGS where EM creeps.
+            ``None``: EM runs to its own convergence first.
         checkpoint: a file the run is saved to every ``checkpoint_every`` EM iterations (atomically). If it
             exists when ``fit`` starts, the fit resumes from it (after checking that design, bias, counts and
             settings agree) without recomputing the starts, and ends as an uninterrupted fit would
@@ -115,6 +127,7 @@ class EMFitter:
         "cg_rtol": Real(),
         "accelerate": OneOf(ACCELERATIONS),
         "polish_iter": Int(0),
+        "switch_rate": Check(_check_rate),
         "checkpoint_every": Int(1),
         "random_state": Check(check_random_state),
         "device": Check(check_device),
@@ -137,7 +150,8 @@ class EMFitter:
         cg_max_iter: int = 10,
         cg_rtol: float = 1e-3,
         accelerate: str | None = "squarem",
-        polish_iter: int = 0,
+        polish_iter: int = 1000,
+        switch_rate: float | None = 0.5,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         random_state: int | torch.Generator | None = None,
@@ -149,7 +163,7 @@ class EMFitter:
         self.n_components, self.init, self.n_init, self.init_max_iter = n_components, init, n_init, init_max_iter
         self.mom_method, self.max_iter, self.tol, self.ridge = mom_method, max_iter, tol, ridge
         self.m_step, self.m_step_iter, self.cg_max_iter, self.cg_rtol = m_step, m_step_iter, cg_max_iter, cg_rtol
-        self.accelerate, self.polish_iter = accelerate, polish_iter
+        self.accelerate, self.polish_iter, self.switch_rate = accelerate, polish_iter, switch_rate
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every, self.random_state = checkpoint_every, random_state
         self.device, self.dtype, self.progress, self.chunk_size = device, dtype, progress, chunk_size
@@ -232,7 +246,7 @@ class EMFitter:
             key = self._key(problem, data)
             saved = resume(self.checkpoint, key, problem)  # before any start is computed
             ckpt = Checkpointer(self.checkpoint, key, self.checkpoint_every, comm=problem.comm)
-        sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter)
+        sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter, self.switch_rate)
         with Bars(self.progress and problem.comm.rank == 0, f"K={self.n_components}") as bars:
             if saved is not None:
                 result, record = resume_run(problem, saved, sched, bars, ckpt, callback)
@@ -241,7 +255,8 @@ class EMFitter:
                 result, record = screen_and_continue(problem, starts, info, sched, bars, ckpt, callback)
             polish_info = None
             if self.polish_iter > 0:
-                result, polish_info = polish_phase(problem, result, sched, bars)
+                best = record["init_names"][record["best_init"]]
+                result, polish_info = polish_phase(problem, result, sched, bars, callback, best)
         return self._finish(problem, result, record, polish_info)
 
     def _finish(self, problem: FitProblem, result: RunResult, record: dict, polish_info: dict | None):

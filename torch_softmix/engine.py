@@ -209,8 +209,9 @@ def squarem(problem: FitProblem, p0: Point, p1: Point, p2: Point) -> tuple[Point
 class RunResult:
     """The end of a run: the final point (logits refreshed), the history, the iteration count and why it stopped.
 
-    ``stop`` is ``"tol"`` (gain below ``tol``: converged), ``"max_iter"`` or ``"decrease"`` (a step lost more
-    than rounding; the previous iterate is kept and a warning was issued).
+    ``stop`` is ``"tol"`` (gain below ``tol``: converged), ``"max_iter"``, ``"slow"`` (EM's measured rate
+    exceeded ``switch_rate``: the quasi-Newton phase takes over) or ``"decrease"`` (a step lost more than
+    rounding; the previous iterate is kept and a warning was issued).
     """
 
     point: Point
@@ -242,6 +243,17 @@ def _step(problem: FitProblem, prev: Point, accelerate: str | None, room: int) -
     return point, info, 1
 
 
+def _slow(history: list[dict], switch_rate: float) -> bool:
+    """Whether EM's last step gained more than ``switch_rate`` times the step before (after three steps).
+
+    Measured on the history (which checkpoints keep), so a resumed run hands over where the
+    uninterrupted one does."""
+    if len(history) < 4:
+        return False
+    f = [h["objective"] for h in history[-3:]]
+    return f[2] - f[1] > switch_rate * (f[1] - f[0])
+
+
 def _is_rounding(prev: Point, point: Point) -> bool:
     return prev.objective - point.objective <= 1e3 * torch.finfo(torch.float64).eps * max(1.0, abs(prev.objective))
 
@@ -255,9 +267,14 @@ def run(
     history: list[dict] | None = None,
     n_done: int = 0,
     callback: Callback | None = None,
+    switch_rate: float | None = None,
 ) -> RunResult:
     """EM from ``start`` until the per-token gain falls below ``problem.tol`` or ``max_iter`` EM iterations
     (M-steps, counted from the start of the whole fit: ``n_done`` are already done) have run.
+
+    With ``switch_rate``, the run also stops (``"slow"``) once EM converges slowly: after the third step,
+    when a step's gain is more than ``switch_rate`` times the previous step's (EM's linear rate, the
+    fraction of missing information, measured); a quasi-Newton method is then the faster way on.
 
     ``history`` continues an earlier run's (a resumed or screened fit); one dict per accepted iterate
     with ``iter``, ``loglik``, ``objective``, ``time`` and what the M-step did.
@@ -268,6 +285,9 @@ def run(
         history = [{"iter": n_done, "loglik": point.loglik, "objective": point.objective, "time": 0.0}]
     n_iter, stop = n_done, "max_iter"
     while n_iter < max_iter:
+        if switch_rate is not None and _slow(history, switch_rate):
+            stop = "slow"
+            break
         prev = point
         point, info, maps = _step(problem, prev, accelerate, max_iter - n_iter)
         n_iter += maps

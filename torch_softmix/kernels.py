@@ -18,6 +18,8 @@ from torch import Tensor
 
 #: Default budget, in elements, for the largest per-chunk temporary.
 CHUNK_ELEMENTS = 1 << 20
+#: Passes over ``X`` since the last reset (a pass over ``r`` of the ``p`` rows counts ``r / p``): benchmarks read it.
+PASSES = [0.0]
 
 
 def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None) -> int:
@@ -30,6 +32,7 @@ def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None) -> int:
 def row_chunks(X: Tensor, rows: Tensor | None, dtype: torch.dtype, chunk_size: int | None):
     """Yield ``(start, stop, X_chunk)`` over the rows of ``X`` (or ``X[rows]``), cast to ``dtype``."""
     n = X.shape[0] if rows is None else rows.numel()
+    PASSES[0] += n / max(1, X.shape[0])
     step = chunk_rows(n, X.shape[1], chunk_size)
     for start in range(0, n, step):
         stop = min(n, start + step)

@@ -1,44 +1,56 @@
-"""Quasi-Newton polish of the marginal (observed-data) likelihood, after EM.
+"""Quasi-Newton phase on the marginal (observed-data) likelihood (docs/MATH.md §4).
 
-EM's rate is the fraction of missing information (docs/MATH.md §4). Where components share tokens — on LM
-next-token mixtures, a function word such as " the" carried by two prompts' laws — that fraction is close
-to one along a few directions and EM creeps: thousands of iterations, each gaining ~1e-6 nats per token.
-L-BFGS on the penalised marginal objective
+EM's rate is the fraction of missing information. Where components share tokens (LM next-token
+mixtures: a function word carried by two prompts' laws) that fraction is close to one along a few
+directions and EM creeps. L-BFGS on the penalised marginal objective
 
-    F(beta, u) = sum_j n_j log sum_k alpha_k softmax(X beta_k + b)_j - (lam / 2) |beta|^2,
-    alpha = softmax(u),
+    F(beta, u) = sum_j n_j log sum_k alpha_k softmax(X beta_k + b)_j - (lam / 2) |beta|^2,   alpha = softmax(u),
 
-whose gradient is the E-step's statistics,
+whose gradient is the E-step's statistics (``dF/dbeta_k = X^T (n gamma_k - W_k s_k) - lam beta_k``,
+``dF/du_k = W_k - N alpha_k``), builds curvature along those directions from successive gradients.
 
-    dF/dbeta_k = S1_k - W_k m(beta_k) - lam beta_k,        dF/du_k = W_k - N alpha_k,
+What makes an iteration cost **two passes over X** (and no more):
 
-builds curvature along those directions from successive gradients and moves along them in a few
-hundred evaluations (two passes over ``X`` each). Atoms are optimised in whitened coordinates
-(``beta = gamma W^T``, :class:`~torch_softmix.moments.Whitening`), which equalises the scales of the
-embedding's directions. Everything is float64 (the design is read chunk by chunk): a float32 objective
-is too coarse for a line search at gains of 1e-7 per token.
+* the logits ``X beta^T + b`` ``(p, K)`` are kept, in float64; along a direction ``D`` one pass gives
+  ``X D^T`` and every trial step ``t`` of the line search is ``logits + t X D^T``: objective and slope
+  cost ``O((p + S) K)``, not a pass, so the line search is accurate for free;
+* the gradient at the accepted point is the second pass, ``X^T G``.
+
+Passes run in the problem's compute dtype (float32 for float32 designs); the kept logits, the objective,
+every reduction and the line search are float64, and the logits are recomputed from scratch in float64
+every ``refresh`` iterations and at the end (the increments' float32 rounding never accumulates).
+Atoms are optimised in whitened coordinates (``beta = gamma W^T``) and the initial inverse Hessian of
+each L-BFGS step is scaled per component by ``1 / alpha_k`` (the Fisher information of component ``k``
+grows with its weight), so light and heavy components move at the same pace.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import kernels
 from .data import TokenCounts
 from .moments import Whitening
-from .objective import marginal_objective
+from .objective import marginal_objective, penalty
 
 __all__ = ["PolishResult", "marginal_objective", "polish"]
+
+#: Wolfe constants of the line search (sufficient decrease, curvature).
+C1, C2 = 1e-4, 0.9
+#: Smallest weight used in the per-component scaling (a collapsed component must not get an infinite step).
+MIN_SCALE_WEIGHT = 1e-4
 
 
 @dataclass
 class PolishResult:
-    """``beta (K, L)``, ``log_alpha (K,)`` float64; per-token ``objective`` and ``loglik``; the best per-token
-    objective after each function evaluation (``trace``), the number of evaluations, L-BFGS iterations, and
-    whether it stopped on the tolerance (not on ``max_iter``)."""
+    """``beta (K, L)``, ``log_alpha (K,)`` float64; per-token ``objective`` and ``loglik``; the objective after
+    each iteration (``trace``), objective evaluations (line-search trials), iterations, passes over ``X``,
+    and whether it stopped on the tolerance (not on ``max_iter``)."""
 
     beta: Tensor
     log_alpha: Tensor
@@ -47,43 +59,126 @@ class PolishResult:
     trace: list[float] = field(default_factory=list)
     n_evals: int = 0
     n_iter: int = 0
+    n_passes: int = 0
     converged: bool = False
 
 
-class _Closure:
-    """``-F / N`` and its gradient over ``theta = (whitened atoms, weight logits)``, for ``torch.optim.LBFGS``;
-    remembers the best point evaluated and the best objective after each evaluation."""
+@dataclass
+class _Point:
+    """Everything at one point that comes from the kept logits: ``-F / N`` (minimised), the log-likelihood,
+    ``W (K,)``, the gradient weights ``G (p, K)`` and, along a direction, the slope."""
 
-    def __init__(self, X, counts, lam, bias, chunk_size, W: Tensor, K: int, on_iteration, comm, N: float) -> None:
+    f: float
+    loglik: float
+    W: Tensor
+    G: Tensor
+    slope: float = math.nan
+
+
+class _Marginal:
+    """The objective on kept logits, its slope along ``X D^T`` and its gradient (one pass)."""
+
+    def __init__(self, X, counts: TokenCounts, lam, bias, chunk_size, comm, N, dtype, W_white: Tensor) -> None:
         self.X, self.counts, self.lam, self.bias, self.chunk_size = X, counts, lam, bias, chunk_size
-        self.comm, self.N = comm, N
-        self.W, self.K, self.on_iteration = W, K, on_iteration
-        self.best: dict = {}
-        self.trace: list[float] = []
+        self.comm, self.N, self.dtype, self.Wh = comm, N, dtype, W_white
+        self.n_passes = 0
         self.n_evals = 0
-        self.theta: Tensor | None = None
-        self.opt: torch.optim.LBFGS | None = None
 
-    def unpack(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``beta (K, L)`` and ``u (K,)`` from a flat ``theta``."""
-        K, r = self.K, self.W.shape[1]
-        return t[: K * r].reshape(K, r) @ self.W.T, t[K * r :]
+    def logits(self, beta: Tensor) -> Tensor:
+        """``X beta^T + b`` computed from scratch in float64 (one pass)."""
+        self.n_passes += 1
+        return kernels.logits(self.X, beta, self.bias, dtype=torch.float64, chunk_size=self.chunk_size)
 
-    @torch.no_grad()
-    def __call__(self) -> Tensor:
-        theta, N = self.theta, self.N
+    def along(self, D: Tensor) -> Tensor:
+        """``X D^T`` ``(p, K)`` for a direction ``D (K, L)`` (one pass in the compute dtype), stored in float64."""
+        self.n_passes += 1
+        return kernels.project(self.X, D.to(self.dtype), chunk_size=self.chunk_size).to(torch.float64)
+
+    def at(self, lg: Tensor, beta: Tensor, u: Tensor, XD: Tensor | None = None, D=None, du=None) -> _Point:
+        """The point with logits ``lg (p, K)``; with ``XD``, ``D``, ``du`` also the slope of ``-F/N`` along them."""
         self.n_evals += 1
-        b, u = self.unpack(theta)
-        F, ll, g_beta, g_u = marginal_objective(
-            self.X, self.counts, b, u, self.lam, self.bias, self.chunk_size, self.comm
-        )
-        theta.grad = -torch.cat([(g_beta @ self.W).flatten(), g_u]) / N
-        if not self.best or F > self.best["F"]:
-            self.best.update(F=F, ll=ll, theta=theta.detach().clone())
-        self.trace.append(self.best["F"] / N)
-        if self.on_iteration is not None:
-            self.on_iteration(int(self.opt.state[theta].get("n_iter", 0)), self.best["F"] / N)
-        return torch.tensor(-F / N, dtype=torch.float64)
+        sup, n = self.counts.support, self.counts.values
+        log_s = lg - kernels.log_normalizer_from_logits(lg, self.comm)
+        log_alpha = torch.log_softmax(u, 0)
+        joint = log_s.index_select(0, sup) + log_alpha
+        log_pi = torch.logsumexp(joint, dim=1)
+        ngamma = n[:, None] * torch.exp(joint - log_pi[:, None])  # (S, K)
+        s = log_s.exp_()  # (p, K), in place: log_s is not needed again
+        parts = [(n * log_pi).sum().reshape(1), ngamma.sum(0)]
+        if XD is not None:
+            parts += [(ngamma * XD.index_select(0, sup)).sum(0), (s * XD).sum(0)]
+        sums = kernels.allsum(torch.cat(parts), self.comm, "marginal")
+        K = u.shape[0]
+        ll, W = float(sums[0]), sums[1 : K + 1]
+        G = s.mul_(-W).index_add_(0, sup, ngamma)  # n gamma - W s, (p, K)
+        F = ll - penalty(beta, self.lam)
+        slope = math.nan
+        if XD is not None:
+            a, b = sums[K + 1 : 2 * K + 1], sums[2 * K + 1 :]
+            dF = float((a - W * b).sum()) - self.lam * float((beta * D).sum())
+            dF += float(((W - self.N * log_alpha.exp()) * du).sum())
+            slope = -dF / self.N
+        return _Point(-F / self.N, ll, W, G, slope)
+
+    def gradient(self, point: _Point, beta: Tensor, u: Tensor) -> Tensor:
+        """The gradient of ``-F/N`` in ``theta = (gamma, u)``: one pass ``X^T G``."""
+        self.n_passes += 1
+        g_beta = kernels.allsum(kernels.weighted_sum(self.X, point.G.to(self.dtype), chunk_size=self.chunk_size),
+                                self.comm, "gradient").to(torch.float64) - self.lam * beta
+        g_u = point.W - self.N * torch.softmax(u, 0)
+        return -torch.cat([(g_beta @ self.Wh).flatten(), g_u]) / self.N
+
+
+def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Tensor) -> Tensor:
+    """``-H g`` by the L-BFGS two-loop recursion with initial inverse Hessian ``c * diag(scale)``."""
+    q = g.clone()
+    alphas = []
+    for s, y, rho in reversed(memory):
+        a = rho * float(s @ q)
+        q -= a * y
+        alphas.append(a)
+    if memory:
+        s, y, _ = memory[-1]
+        c = float(s @ y) / float(y @ (scale * y))
+    else:
+        c = 1.0 / max(float(g.abs().max()), 1.0)
+    r = c * scale * q
+    for (s, y, rho), a in zip(memory, reversed(alphas)):
+        r += (a - rho * float(y @ r)) * s
+    return -r
+
+
+def _line_search(phi: Callable[[float], _Point], f0: float, slope0: float, t: float, max_trials: int = 30):
+    """A step satisfying the strong Wolfe conditions (bracketing by doubling, then zooming with a safeguarded
+    secant on the slope; Nocedal & Wright, Alg. 3.5-3.6). Returns ``(t, point)``; when the trials run out,
+    the best step seen that satisfies sufficient decrease; ``None`` when there is none."""
+
+    def decreases(tt: float, pt: _Point) -> bool:
+        return math.isfinite(pt.f) and pt.f <= f0 + C1 * tt * slope0
+
+    lo, f_lo, d_lo = 0.0, f0, slope0
+    hi, d_hi = math.inf, math.nan
+    best = None
+    for _ in range(max_trials):
+        pt = phi(t)
+        if not decreases(t, pt) or pt.f >= f_lo:
+            hi, d_hi = t, pt.slope
+        else:
+            best = (t, pt)
+            if abs(pt.slope) <= -C2 * slope0:
+                return best
+            if math.isfinite(hi) and pt.slope * (hi - lo) >= 0 or not math.isfinite(hi) and pt.slope >= 0:
+                hi, d_hi = lo, d_lo
+            lo, f_lo, d_lo = t, pt.f, pt.slope
+        if not math.isfinite(hi):
+            t = 2.0 * t
+            continue
+        a, b = min(lo, hi), max(lo, hi)
+        if b - a <= 1e-14 * max(1.0, b):
+            break
+        t = lo - d_lo * (hi - lo) / (d_hi - d_lo) if math.isfinite(d_hi) and d_hi != d_lo else 0.5 * (lo + hi)
+        t = min(max(t, a + 0.1 * (b - a)), b - 0.1 * (b - a))
+    return best
 
 
 def polish(
@@ -97,51 +192,102 @@ def polish(
     bias: Tensor | None = None,
     max_iter: int = 300,
     tol: float = 1e-10,
-    history_size: int = 30,
+    history_size: int = 20,
+    refresh: int = 50,
+    dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     on_iteration: Callable[[int, float], None] | None = None,
     comm=None,
     n_tokens: float | None = None,
 ) -> PolishResult:
-    """L-BFGS (strong Wolfe line search) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
+    """L-BFGS (strong Wolfe line search on kept logits) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
 
-    Stops after ``max_iter`` iterations or when an iteration changes the per-token objective by less than
-    ``tol``. Returns the best point evaluated, so never one worse than the first: the start with its atoms
-    projected on the directions the whitening keeps (all of them for a full-rank design; dropped ones
-    carry less than 1e-8 of the largest variance). :class:`~torch_softmix.em.EMFitter` keeps the result
-    only if it beats EM's own final objective. ``on_iteration(n_iter, best_objective_per_token)`` is called
-    after each function evaluation (progress bars). With a ``comm`` over several ranks, ``X`` and ``counts``
-    are this rank's rows and ``n_tokens`` the total over all ranks; every rank runs the same L-BFGS on the
-    same all-reduced objective.
+    Stops after ``max_iter`` iterations or when an iteration gains less than ``tol`` per token (after a
+    from-scratch refresh of the logits confirms it). Monotone: every accepted step raises the objective
+    evaluated on the kept logits; a refresh may move it by their rounding (below 1e-12 per token in
+    float64). ``dtype``: the dtype of the passes (default ``X``'s for float32/float64, else float32).
+    ``on_iteration(n_iter, objective, loglik, beta, log_alpha)`` (per token; the current parameters) after
+    each iteration. With a ``comm`` over several ranks,
+    ``X`` and ``counts`` are this rank's rows and ``n_tokens`` the total over all ranks.
     """
     dev = X.device
-    gamma0 = beta.to(device=dev, dtype=torch.float64) @ whitening.W_inv.to(dev).T  # (K, r)
-    u0 = log_alpha.to(device=dev, dtype=torch.float64).clamp_min(-50.0)  # a collapsed component: finite
+    if dtype is None:
+        dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+    Wh = whitening.W.to(dev)
+    K = beta.shape[0]
+    gamma = beta.to(device=dev, dtype=torch.float64) @ whitening.W_inv.to(dev).T  # (K, r)
+    u = log_alpha.to(device=dev, dtype=torch.float64).clamp_min(-50.0)
     N = counts.total if n_tokens is None else n_tokens
-    W = whitening.W.to(dev)
-    closure = _Closure(X, counts, lam, bias, chunk_size, W, gamma0.shape[0], on_iteration, comm, N)
-    closure.theta = torch.cat([gamma0.flatten(), u0]).requires_grad_(True)
-    max_eval = int(max_iter * 1.25) + 10
-    closure.opt = torch.optim.LBFGS(
-        [closure.theta],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=max_eval,
-        history_size=history_size,
-        tolerance_grad=0.0,
-        tolerance_change=tol,
-        line_search_fn="strong_wolfe",
-    )
-    closure.opt.step(closure)
-    n_iter = int(closure.opt.state[closure.theta].get("n_iter", 0))
-    b, u = closure.unpack(closure.best["theta"])
+    obj = _Marginal(X, counts, lam, bias, chunk_size, comm, N, dtype, Wh)
+    r = gamma.shape[1]
+
+    def unpack(theta: Tensor) -> tuple[Tensor, Tensor]:
+        return theta[: K * r].view(K, r) @ Wh.T, theta[K * r :]
+
+    theta = torch.cat([gamma.flatten(), u])
+    b, u = unpack(theta)
+    lg = obj.logits(b)
+    point = obj.at(lg, b, u)
+    g = obj.gradient(point, b, u)
+    trace = [-point.f]
+    memory: list[tuple[Tensor, Tensor, float]] = []
+    n_iter, converged, since_refresh = 0, False, 0
+    while n_iter < max_iter:
+        alpha = torch.softmax(u, 0).clamp_min(MIN_SCALE_WEIGHT)
+        scale = torch.cat([(1.0 / alpha).repeat_interleave(r), 1.0 / alpha])
+        d = _direction(g, memory, scale)
+        if float(g @ d) >= 0:  # not a descent direction: restart from the scaled gradient
+            memory.clear()
+            d = _direction(g, memory, scale)
+        D, du = unpack(d)
+        XD = obj.along(D)
+
+        def phi(t: float, lg=lg, b=b, u=u, D=D, du=du, XD=XD) -> _Point:
+            return obj.at(lg + t * XD, b + t * D, u + t * du, XD, D, du)
+
+        slope0 = float(g @ d)
+        found = _line_search(phi, point.f, slope0, 1.0)
+        n_iter += 1
+        if found is None:
+            if memory:
+                memory.clear()
+                continue
+            converged = True  # no step along the scaled gradient raises the objective: optimal to rounding
+            break
+        t, new = found
+        theta_new = theta + t * d
+        b_new, u_new = unpack(theta_new)
+        lg = lg + t * XD
+        since_refresh += 1
+        if since_refresh >= refresh:
+            lg, since_refresh = obj.logits(b_new), 0
+            new = obj.at(lg, b_new, u_new)
+        g_new = obj.gradient(new, b_new, u_new)
+        s_vec, y_vec = theta_new - theta, g_new - g
+        sy = float(s_vec @ y_vec)
+        if sy > 1e-12 * float(s_vec @ s_vec) ** 0.5 * float(y_vec @ y_vec) ** 0.5:
+            memory.append((s_vec, y_vec, 1.0 / sy))
+            if len(memory) > history_size:
+                memory.pop(0)
+        gain = point.f - new.f
+        theta, b, u, g, point = theta_new, b_new, u_new, g_new, new
+        trace.append(-point.f)
+        if on_iteration is not None:
+            on_iteration(n_iter, -point.f, point.loglik / N, b, torch.log_softmax(u, 0))
+        if gain < tol:
+            converged = True
+            break
+    if since_refresh:
+        lg = obj.logits(b)
+        point = obj.at(lg, b, u)
     return PolishResult(
         beta=b,
         log_alpha=torch.log_softmax(u, 0),
-        objective=closure.best["F"] / N,
-        loglik=closure.best["ll"] / N,
-        trace=closure.trace,
-        n_evals=closure.n_evals,
+        objective=-point.f,
+        loglik=point.loglik / N,
+        trace=trace,
+        n_evals=obj.n_evals,
         n_iter=n_iter,
-        converged=n_iter < max_iter and closure.n_evals < max_eval,
+        n_passes=obj.n_passes,
+        converged=converged,
     )

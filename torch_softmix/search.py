@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from .checkpoint import Checkpointer
 from .engine import FitProblem, Point, RunResult, State, run
 from .polish import polish
@@ -28,25 +30,31 @@ from .starts import Start
 @dataclass(frozen=True)
 class Schedule:
     """How long each phase may run: EM iterations of the screening and of the continued run, the
-    accelerator, and L-BFGS iterations (0: no L-BFGS phase)."""
+    accelerator, L-BFGS iterations (0: no L-BFGS phase) and the EM rate at which the continued run
+    hands over to L-BFGS (``None``: never)."""
 
     max_iter: int
     init_max_iter: int | None = 10
     accelerate: str | None = "squarem"
     polish_iter: int = 0
+    switch_rate: float | None = None
 
 
 @dataclass
 class FitEvent:
-    """What a ``fit(callback=...)`` receives after every accepted EM iterate."""
+    """What a ``fit(callback=...)`` receives after every accepted EM iterate and every L-BFGS iteration:
+    the phase, the start, the iteration count of the phase, per-token log-likelihood and objective, and the
+    current parameters ``log_alpha (K,)``, ``beta (K, L)`` (do not modify them)."""
 
-    phase: str  # "screening" or "em"
+    phase: str  # "screening", "em" or "polish"
     start: str
     n_iter: int
     loglik: float
     objective: float
     checkpoint_written: bool = False
     history: list[dict] = field(default_factory=list, repr=False)
+    log_alpha: Tensor | None = field(default=None, repr=False)
+    beta: Tensor | None = field(default=None, repr=False)
 
 
 def run_callback(phase: str, start: str, bar, ckpt: Checkpointer | None, user: Callable | None, n_done: int = 0):
@@ -60,7 +68,9 @@ def run_callback(phase: str, start: str, bar, ckpt: Checkpointer | None, user: C
             bar.set_postfix(loglik=f"{point.loglik:.6f}", start=start)
         written = ckpt(point, history, n_iter) if ckpt is not None else False
         if user is not None:
-            user(FitEvent(phase, start, n_iter, point.loglik, point.objective, bool(written), history))
+            st = point.state
+            user(FitEvent(phase, start, n_iter, point.loglik, point.objective, bool(written), history, st.log_alpha,
+                          st.beta))  # fmt: skip
 
     return on_point
 
@@ -98,7 +108,8 @@ def screen_and_continue(
     for s in starts:
         cb = run_callback("screening" if screen else "em", s.name, bar, ckpt if len(starts) == 1 else None, user)
         point = problem.evaluate(problem.state(s.alpha, s.beta))
-        results.append(run(problem, point, iters, accelerate=sched.accelerate, callback=cb))
+        switch = None if screen else _switch(sched)
+        results.append(run(problem, point, iters, accelerate=sched.accelerate, callback=cb, switch_rate=switch))
     best = max(range(len(results)), key=lambda i: results[i].point.objective)
     result = results[best]
     record = _record(starts, results, best, info, result.n_iter if screen else 0)
@@ -110,9 +121,14 @@ def screen_and_continue(
     limit = result.n_iter + sched.max_iter
     final = run(
         problem, result.point, limit, accelerate=sched.accelerate, history=result.history, n_done=result.n_iter,
-        callback=cb,
+        callback=cb, switch_rate=_switch(sched),
     )  # fmt: skip
     return final, record
+
+
+def _switch(sched: Schedule) -> float | None:
+    """The hand-over rate, only when there is an L-BFGS phase to hand over to."""
+    return sched.switch_rate if sched.polish_iter > 0 else None
 
 
 def resume_run(
@@ -136,12 +152,14 @@ def resume_run(
     limit = record["screen_iters"] + sched.max_iter
     result = run(
         problem, problem.evaluate(state), limit, accelerate=sched.accelerate, history=meta["history"],
-        n_done=n_done, callback=cb,
+        n_done=n_done, callback=cb, switch_rate=_switch(sched),
     )  # fmt: skip
     return result, record
 
 
-def polish_phase(problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars) -> tuple[RunResult, dict]:
+def polish_phase(
+    problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars, user: Callable | None = None, start: str = ""
+) -> tuple[RunResult, dict]:
     """L-BFGS from EM's final point; the polished point is kept only if its objective is at least EM's.
 
     Returns the run (its ``stop`` becomes ``"polish_tol"`` / ``"polish_max_iter"`` when the polish is kept
@@ -150,15 +168,18 @@ def polish_phase(problem: FitProblem, result: RunResult, sched: Schedule, bars: 
     t0 = time.perf_counter()
     bar = bars.open("L-BFGS", sched.polish_iter)
 
-    def on_iteration(n_iter: int, objective: float) -> None:
+    def on_iteration(n_iter: int, objective: float, loglik: float, beta, log_alpha) -> None:
         if bar is not None:
             bar.update(n_iter - bar.n)
             bar.set_postfix(objective=f"{objective:.8f}")
+        if user is not None:
+            user(FitEvent("polish", start, n_iter, loglik, objective, False, result.history, log_alpha, beta))
 
     st = result.state
     pr = polish(
         problem.X, problem.counts, st.beta, st.log_alpha, problem.lam, problem.design.whitening, bias=problem.bias,
-        max_iter=sched.polish_iter, tol=problem.tol, chunk_size=problem.chunk_size, on_iteration=on_iteration,
+        max_iter=sched.polish_iter, tol=problem.tol, dtype=problem.dtype, chunk_size=problem.chunk_size,
+        on_iteration=on_iteration,
         comm=problem.comm, n_tokens=problem.n_tokens,
     )  # fmt: skip
     point = problem.evaluate(problem.state(pr.log_alpha.exp(), pr.beta))
@@ -166,6 +187,7 @@ def polish_phase(problem: FitProblem, result: RunResult, sched: Schedule, bars: 
     info = {
         "n_iter": pr.n_iter,
         "n_evals": pr.n_evals,
+        "n_passes": pr.n_passes,
         "converged": pr.converged,
         "kept": kept,
         "objective_before": result.point.objective,

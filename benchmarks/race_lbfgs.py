@@ -1,0 +1,231 @@
+"""The race: the default EMFitter vs plain float64 torch.optim.LBFGS vs the library's L-BFGS phase alone.
+
+Every method starts from the same point and records its parameters (with a wall-clock time stamp) after
+each iteration; afterwards ONE float64 function (``loglik_per_token``: the design cast to float64, the
+exact marginal log-likelihood per token) evaluates every recorded point. The target of a problem is the
+best objective any method reached minus 1e-7 per token; a method's time is the first time stamp whose
+point meets the target (``inf`` if none). Ratios are measured side by side in one process.
+
+- ``default``: ``EMFitter(n_components=K, init=start)`` on the design as given (float32 here);
+- ``plain``: float64 ``torch.optim.LBFGS`` (strong Wolfe, history 20) with autograd on the marginal
+  log-likelihood: the twenty lines a PyTorch user writes (``plain_lbfgs`` below), the float64 copy of the
+  design included in its time;
+- ``qn``: :func:`torch_softmix.polish.polish` alone from the start.
+
+Problems: Gaussian designs (p = 32768, N = 10^6) with L in {16, 64, 192, 576}, K in {2, 5, 8}, starts
+near (truth + 20%), far (truth + 100%) and random; SmolLM2's embedding with real hidden states of random
+prompts, K in {4, 8}, the same three starts.
+
+    python benchmarks/race_lbfgs.py [--quick] [--out benchmarks/results/race_lbfgs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from torch_softmix import EMFitter, TokenCounts, kernels
+from torch_softmix import simulate as sim
+from torch_softmix.design import Design
+from torch_softmix.polish import polish
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GAP = 1e-7
+
+
+def loglik_per_token(X64: torch.Tensor, bias, counts: TokenCounts, log_alpha, beta) -> float:
+    """THE objective: exact float64 marginal log-likelihood per token."""
+    lg = X64 @ beta.double().T
+    if bias is not None:
+        lg = lg + bias.double()[:, None]
+    log_s = lg - torch.logsumexp(lg, 0)
+    lp = torch.logsumexp(log_s[counts.support] + torch.log_softmax(log_alpha.double(), 0), 1)
+    return float((counts.values.double() * lp).sum() / counts.total)
+
+
+def plain_lbfgs(X, bias, counts: TokenCounts, alpha0, beta0, max_iter: int, record):
+    """What a PyTorch user writes: float64 autograd L-BFGS on the marginal log-likelihood."""
+    X64 = X.double()
+    b64 = None if bias is None else bias.double()
+    sup, n, N = counts.support, counts.values.double(), counts.total
+    beta = beta0.double().clone().requires_grad_(True)
+    u = torch.log(alpha0.double()).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([beta, u], lr=1, max_iter=max_iter, max_eval=int(1.25 * max_iter), history_size=20,
+                            tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        lg = X64 @ beta.T if b64 is None else X64 @ beta.T + b64[:, None]
+        log_s = torch.log_softmax(lg, 0)
+        loss = -(n * torch.logsumexp(log_s[sup] + torch.log_softmax(u, 0), 1)).sum() / N
+        loss.backward()
+        record(u.detach(), beta.detach())
+        return loss
+
+    opt.step(closure)
+
+
+class Recorder:
+    """Time stamps and parameter copies; the clock is paused while copying."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.paused = 0.0
+        self.points: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, log_alpha, beta) -> None:
+        t = time.perf_counter()
+        self.points.append((t - self.t0 - self.paused, log_alpha.detach().double().clone(), beta.detach().double().clone()))
+        self.paused += time.perf_counter() - t
+
+
+def run_methods(X, bias, counts, start, K, max_iter):
+    runs = {}
+    design = Design(X, bias)
+    kernels.PASSES[0] = 0.0
+    rec = Recorder()
+    rec(torch.log(start["alpha"]), start["beta"])
+    fitter = EMFitter(K, init=start, random_state=0)
+    fitter.fit(design, counts=counts, callback=lambda ev: rec(ev.log_alpha, ev.beta))
+    rec(fitter.head_.log_alpha, fitter.head_.beta)
+    qn_passes = (fitter.polish_ or {}).get("n_passes", 0)
+    runs["default"] = (rec, {"n_iter": fitter.n_iter_, "polish": fitter.polish_, "stop": fitter.stop_reason_,
+                             "em_passes": kernels.PASSES[0] - qn_passes, "em_maps": fitter.n_iter_})
+    rec = Recorder()
+    rec(torch.log(start["alpha"]), start["beta"])
+    plain_lbfgs(X, bias, counts, start["alpha"], start["beta"], max_iter, rec)
+    runs["plain"] = (rec, {"n_evals": len(rec.points) - 1})
+    design = Design(X, bias)  # fresh: the whitening is part of the phase's time
+    rec = Recorder()
+    rec(torch.log(start["alpha"]), start["beta"])
+    pr = polish(X, counts, start["beta"], torch.log(start["alpha"]), 1e-6 * counts.total, design.whitening,
+                bias=bias, max_iter=max_iter, tol=1e-10, on_iteration=lambda i, f, ll, b, la: rec(la, b))
+    rec(pr.log_alpha, pr.beta)
+    runs["qn"] = (rec, {"n_iter": pr.n_iter, "n_passes": pr.n_passes})
+    return runs
+
+
+def score(X, bias, counts, runs) -> dict:
+    X64 = X.double()
+    curves = {}
+    for name, (rec, _) in runs.items():
+        curves[name] = [(t, loglik_per_token(X64, bias, counts, la, b)) for t, la, b in rec.points]
+    best = max(v for c in curves.values() for _, v in c)
+    target = best - GAP
+    out = {"best": best}
+    for name, curve in curves.items():
+        hit = [t for t, v in curve if v >= target]
+        out[name] = {"time": hit[0] if hit else math.inf, "final": curve[-1][1], "reached": bool(hit),
+                     "total_time": curve[-1][0], **runs[name][1]}
+    return out
+
+
+def gaussian_problem(L: int, K: int, kind: str, seed: int, p: int, N: int):
+    X = sim.gaussian_design(p, L, seed=seed, dtype=torch.float32)
+    truth = sim.random_mixture(K, L, norm=3.0, separation=2.0, min_weight=0.5 / K, seed=seed + 1)
+    counts = TokenCounts.from_dense(sim.sample_counts(sim.make_head(X, truth, dtype=torch.float64), N, seed=seed + 2))
+    return X, None, counts, truth, _start(truth, kind, seed)
+
+
+def _start(truth, kind: str, seed: int):
+    if kind == "near":
+        return sim.perturbed_start(truth, 0.2, seed=seed + 3)
+    if kind == "far":
+        return sim.perturbed_start(truth, 1.0, seed=seed + 3)
+    K, L = truth["beta"].shape
+    other = sim.random_mixture(K, L, norm=float(truth["beta"].norm(dim=1).mean()), seed=seed + 4)
+    return {"alpha": torch.full((K,), 1.0 / K, dtype=torch.float64), "beta": other["beta"]}
+
+
+def smollm2_problem(K: int, kind: str, seed: int, N: int, model_tok):
+    from prompts import PROMPT_POOL
+
+    from torch_softmix import hf
+
+    model, tok = model_tok
+    design = hf.output_design(model)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [PROMPT_POOL[i] for i in torch.randperm(len(PROMPT_POOL), generator=g)[:K].tolist()]
+    alpha = torch.distributions.Dirichlet(torch.full((K,), 2.0, dtype=torch.float64)).sample()
+    sample = hf.sample_next_tokens(model, tok, prompts, N, weights=alpha.tolist(), seed=seed)
+    truth = {"alpha": sample.truth["alpha"].double(), "beta": sample.truth["beta"].double()}
+    return design.X, design.bias, sample.counts, truth, _start(truth, kind, seed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few small problems (a smoke test)")
+    ap.add_argument("--p", type=int, default=32768)
+    ap.add_argument("--N", type=int, default=1_000_000)
+    ap.add_argument("--max-iter", type=int, default=2000)
+    ap.add_argument("--no-smollm2", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "race_lbfgs")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    grid = [(L, K, kind) for L in (16, 64, 192, 576) for K in (2, 5, 8) for kind in ("near", "far", "random")]
+    if args.quick:
+        grid = [(16, 2, "near"), (64, 5, "far"), (192, 8, "random")]
+        args.p, args.no_smollm2 = 8192, True
+    rows_path = args.out.with_suffix(".jsonl")
+    done = {}
+    if rows_path.is_file():
+        for line in rows_path.read_text().splitlines():
+            r = json.loads(line)
+            done[r["problem"]] = r
+    problems = [(f"gauss L={L} K={K} {kind}", ("gauss", L, K, kind)) for L, K, kind in grid]
+    if not args.no_smollm2:
+        problems += [(f"smollm2 K={K} {kind}", ("smollm2", 576, K, kind)) for K in (4, 8) for kind in ("near", "far", "random")]
+    model_tok = None
+    for i, (name, (src, L, K, kind)) in enumerate(problems):
+        if name in done:
+            continue
+        if src == "gauss":
+            X, bias, counts, truth, start = gaussian_problem(L, K, kind, 100 + i, args.p, args.N)
+        else:
+            if model_tok is None:
+                from torch_softmix import hf
+
+                model_tok = hf.load_smollm2()
+            X, bias, counts, truth, start = smollm2_problem(K, kind, 200 + i, args.N, model_tok)
+        row = {"problem": name, **score(X, bias, counts, run_methods(X, bias, counts, start, K, args.max_iter))}
+        row["plain/default"] = row["plain"]["time"] / row["default"]["time"]
+        row["qn/default"] = row["qn"]["time"] / row["default"]["time"]
+        done[name] = row
+        if not args.quick:
+            with rows_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        print(f"{name:28s} default {row['default']['time']:7.2f}s  plain {row['plain']['time']:7.2f}s  "
+              f"qn {row['qn']['time']:7.2f}s  plain/default {row['plain/default']:5.2f}", flush=True)
+    report([done[n] for n, _ in problems if n in done], args)
+
+
+def report(rows: list[dict], args) -> None:
+    def fmt(x: float) -> str:
+        return "not reached" if not math.isfinite(x) else f"{x:.2f}"
+
+    lines = ["| problem | default (s) | plain L-BFGS f64 (s) | L-BFGS phase alone (s) | plain / default | "
+             "EM maps | passes per EM map |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["default"]
+        ppm = d["em_passes"] / d["em_maps"] if d.get("em_maps") else math.nan
+        lines.append(f"| {r['problem']} | {fmt(d['time'])} | {fmt(r['plain']['time'])} | {fmt(r['qn']['time'])} | "
+                     f"{fmt(r['plain/default'])} | {d.get('em_maps', 0)} | {ppm:.1f} |")
+    ratios = [r["plain/default"] for r in rows]
+    finite = [x for x in ratios if not math.isnan(x)]
+    summary = (f"\n{len(rows)} problems; plain / default: median {statistics.median(finite):.2f}, min {min(finite):.2f}; "
+               f"≥ 2× on {sum(x >= 2 for x in finite)}/{len(finite)}; default reached the target on "
+               f"{sum(r['default']['reached'] for r in rows)}/{len(rows)}, plain on {sum(r['plain']['reached'] for r in rows)}/{len(rows)}")
+    text = "\n".join(lines) + summary + "\n"
+    print(text)
+    if not args.quick:
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
