@@ -165,9 +165,13 @@ def main() -> None:
     ap.add_argument("--N", type=int, default=1_000_000)
     ap.add_argument("--max-iter", type=int, default=2000)
     ap.add_argument("--no-smollm2", action="store_true")
+    ap.add_argument("--only", default=None, help="run the problems whose name contains this")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "race_lbfgs")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     grid = [(L, K, kind) for L in (16, 64, 192, 576) for K in (2, 5, 8) for kind in ("near", "far", "random")]
     if args.quick:
         grid = [(16, 2, "near"), (64, 5, "far"), (192, 8, "random")]
@@ -183,7 +187,7 @@ def main() -> None:
         problems += [(f"smollm2 K={K} {kind}", ("smollm2", 576, K, kind)) for K in (4, 8) for kind in ("near", "far", "random")]
     model_tok = None
     for i, (name, (src, L, K, kind)) in enumerate(problems):
-        if name in done:
+        if name in done or (args.only and args.only not in name):
             continue
         if src == "gauss":
             X, bias, counts, truth, start = gaussian_problem(L, K, kind, 100 + i, args.p, args.N)

@@ -84,3 +84,43 @@ def test_polish_with_a_collapsed_component_stays_finite(problem):
     with pytest.warns(RuntimeWarning, match="collapsed"):
         em_only.fit(X, counts=counts)
     assert fitter.objective_ >= em_only.objective_
+
+
+def test_an_iteration_costs_two_passes_and_every_accepted_step_rises(problem):
+    """Line-search trials move along the kept logits: passes = 2 per iteration + the start and the refreshes."""
+    X, truth, counts = problem
+    start = sim.perturbed_start(truth, 0.5, seed=5)
+    res = polish(X, counts, start["beta"], start["alpha"].log(), 1e-6 * counts.total, Whitening.from_design(X),
+                 max_iter=200, tol=1e-15, refresh=50)  # fmt: skip
+    assert res.n_evals > res.n_iter  # line-search trials did happen ...
+    refreshes = res.n_iter // 50 + 2  # start, every 50 iterations, end
+    assert res.n_passes <= 2 * res.n_iter + refreshes + 1  # ... and cost no pass
+    assert all(b >= a - 1e-13 for a, b in zip(res.trace, res.trace[1:]))
+
+
+def test_float32_design_reaches_the_float64_optimum(problem):
+    """The passes run in float32 but the kept logits, objective and line search are float64."""
+    X, truth, counts = problem
+    lam = 1e-6 * counts.total
+    ref = polish(X, counts, truth["beta"], truth["alpha"].log(), lam, Whitening.from_design(X), max_iter=500,
+                 tol=1e-15)  # fmt: skip
+    X32 = X.float()
+    res = polish(X32, counts, truth["beta"], truth["alpha"].log(), lam, Whitening.from_design(X32), max_iter=500,
+                 tol=1e-15)  # fmt: skip
+    exact = marginal_objective(X, counts, res.beta, res.log_alpha, lam)[0]
+    assert exact / counts.total == pytest.approx(ref.objective, abs=2e-9)
+
+
+def test_em_hands_over_to_the_quasi_newton_phase_when_it_slows(problem):
+    X, truth, counts = problem
+    start = sim.perturbed_start(truth, 1.0, seed=6)
+    handed = EMFitter(3, init=start, tol=1e-12, max_iter=3000).fit(X, counts=counts)
+    fitter = handed.fit_info
+    assert fitter["polish"]["kept"]
+    em_only = EMFitter(3, init=start, tol=1e-12, max_iter=3000, polish_iter=0)
+    em_only.fit(X, counts=counts)
+    # EM alone runs many more iterations to the same optimum
+    assert handed.fit_info["n_iter"] < em_only.n_iter_
+    assert fitter["polish"]["objective_after"] == pytest.approx(em_only.objective_, abs=1e-9)
+    with pytest.raises(ValueError, match="switch_rate"):
+        EMFitter(3, switch_rate=1.5).fit(X, counts=counts)

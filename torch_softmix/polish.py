@@ -42,6 +42,9 @@ __all__ = ["PolishResult", "marginal_objective", "polish"]
 
 #: Wolfe constants of the line search (sufficient decrease, curvature).
 C1, C2 = 1e-4, 0.9
+#: Convergence: the last this-many iterations gained less than ``tol`` per token each on average
+#: (single L-BFGS iterations can gain little before a large one).
+STALL_ITERS = 10
 #: Smallest weight used in the per-component scaling (a collapsed component must not get an infinite step).
 MIN_SCALE_WEIGHT = 1e-4
 
@@ -202,8 +205,8 @@ def polish(
 ) -> PolishResult:
     """L-BFGS (strong Wolfe line search on kept logits) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
 
-    Stops after ``max_iter`` iterations or when an iteration gains less than ``tol`` per token (after a
-    from-scratch refresh of the logits confirms it). Monotone: every accepted step raises the objective
+    Stops after ``max_iter`` iterations or when the last :data:`STALL_ITERS` iterations gained less than
+    ``tol`` per token each on average. Monotone: every accepted step raises the objective
     evaluated on the kept logits; a refresh may move it by their rounding (below 1e-12 per token in
     float64). ``dtype``: the dtype of the passes (default ``X``'s for float32/float64, else float32).
     ``on_iteration(n_iter, objective, loglik, beta, log_alpha)`` (per token; the current parameters) after
@@ -269,12 +272,11 @@ def polish(
             memory.append((s_vec, y_vec, 1.0 / sy))
             if len(memory) > history_size:
                 memory.pop(0)
-        gain = point.f - new.f
         theta, b, u, g, point = theta_new, b_new, u_new, g_new, new
         trace.append(-point.f)
         if on_iteration is not None:
             on_iteration(n_iter, -point.f, point.loglik / N, b, torch.log_softmax(u, 0))
-        if gain < tol:
+        if len(trace) > STALL_ITERS and trace[-1] - trace[-1 - STALL_ITERS] < STALL_ITERS * tol:
             converged = True
             break
     if since_refresh:
