@@ -132,7 +132,7 @@ class _Marginal:
         return -torch.cat([(g_beta @ self.Wh).flatten(), g_u]) / self.N
 
 
-def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Tensor) -> Tensor:
+def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Tensor) -> Tensor:  # noqa: D401
     """``-H g`` by the L-BFGS two-loop recursion with initial inverse Hessian ``c * diag(scale)``."""
     q = g.clone()
     alphas = []
@@ -144,7 +144,7 @@ def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Ten
         s, y, _ = memory[-1]
         c = float(s @ y) / float(y @ (scale * y))
     else:
-        c = 1.0 / max(float(g.abs().max()), 1.0)
+        c = 1.0
     r = c * scale * q
     for (s, y, rho), a in zip(memory, reversed(alphas)):
         r += (a - rho * float(y @ r)) * s
@@ -249,7 +249,9 @@ def polish(
             return obj.at(lg + t * XD, b + t * D, u + t * du, XD, D, du)
 
         slope0 = float(g @ d)
-        found = _line_search(phi, point.f, slope0, 1.0)
+        # without curvature pairs the step's scale is unknown: start the search at a unit change of the logits
+        t0 = 1.0 if memory else min(1.0, 1.0 / max(float(XD.abs().max()), 1e-12))
+        found = _line_search(phi, point.f, slope0, t0)
         n_iter += 1
         if found is None:
             if memory:
