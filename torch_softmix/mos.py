@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .head import CONFIG_NAME, SoftmaxMixtureHead
+from .head import CONFIG_NAME, SoftmaxMixtureHead, _param_dtype
 from .io import atomic_write_bytes, check_saved_design, embedding_fingerprint, read_mos_file, write_mos_file
 from .validation import check_design, check_design_finite, check_int, check_number, check_token_ids
 
@@ -149,8 +149,7 @@ class MixtureOfSoftmaxesHead(nn.Module):
             check_design_finite(embedding, bias, chunk_size)
         p, L = embedding.shape
         K = n_components
-        if dtype is None:
-            dtype = embedding.dtype if embedding.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = _param_dtype(embedding, dtype)
         kw = {"dtype": dtype, "device": embedding.device}
         self.register_buffer("embedding", embedding, persistent=False)
         self.register_buffer("bias", bias, persistent=False)

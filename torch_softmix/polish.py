@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import kernels
 from .data import TokenCounts
+from .head import _param_dtype
 from .moments import Whitening
 from .objective import marginal_objective, penalty
 
@@ -132,7 +133,7 @@ class _Marginal:
         return -torch.cat([(g_beta @ self.Wh).flatten(), g_u]) / self.N
 
 
-def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Tensor) -> Tensor:  # noqa: D401
+def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Tensor) -> Tensor:
     """``-H g`` by the L-BFGS two-loop recursion with initial inverse Hessian ``c * diag(scale)``."""
     q = g.clone()
     alphas = []
@@ -140,11 +141,10 @@ def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale: Ten
         a = rho * float(s @ q)
         q -= a * y
         alphas.append(a)
+    c = 1.0
     if memory:
         s, y, _ = memory[-1]
         c = float(s @ y) / float(y @ (scale * y))
-    else:
-        c = 1.0
     r = c * scale * q
     for (s, y, rho), a in zip(memory, reversed(alphas)):
         r += (a - rho * float(y @ r)) * s
@@ -214,8 +214,7 @@ def polish(
     ``X`` and ``counts`` are this rank's rows and ``n_tokens`` the total over all ranks.
     """
     dev = X.device
-    if dtype is None:
-        dtype = X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = _param_dtype(X, dtype)
     Wh = whitening.W.to(dev)
     K = beta.shape[0]
     gamma = beta.to(device=dev, dtype=torch.float64) @ whitening.W_inv.to(dev).T  # (K, r)
