@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from torch_softmix import MixtureOfSoftmaxesHead, SoftmaxMixtureHead, TokenCounts, hf
+from torch_softmix import EMFitter, MixtureOfSoftmaxesHead, SoftmaxMixtureHead, TokenCounts, hf
 from torch_softmix.training import (
     FrozenLMHead,
     HeadCheckpoint,
@@ -89,7 +89,7 @@ def em_fit(design, hidden: torch.Tensor, args, path: Path) -> SoftmaxMixtureHead
     tokens = sample_at_states(design.X, hidden, args.em_tokens, design.bias, generator=gen)
     counts = TokenCounts.from_tokens(tokens, design.X.shape[0])
     t0 = time.perf_counter()
-    fitted = hf.lm_fitter(args.K, random_state=args.seed).fit(design.X, counts=counts, bias=design.bias)
+    fitted = EMFitter(args.K, random_state=args.seed).fit(design.X, counts=counts, bias=design.bias)
     fitted.fit_info["seconds"] = time.perf_counter() - t0
     fitted.save(path)
     return fitted

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from torch_softmix import hf, tune_memory_allocator
+from torch_softmix import EMFitter, hf, tune_memory_allocator
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little"]
 
@@ -36,7 +36,7 @@ def main() -> None:
     model, tok = hf.load_smollm2()
     design = hf.output_design(model)
     sample = hf.sample_next_tokens(model, tok, PROMPTS, args.n_tokens, weights=[0.6, 0.4], seed=args.seed)
-    head = hf.lm_fitter(2, random_state=args.seed, polish_iter=args.polish_iter).fit(design.X, counts=sample.counts, bias=design.bias)
+    head = EMFitter(2, random_state=args.seed, polish_iter=args.polish_iter).fit(design.X, counts=sample.counts, bias=design.bias)
     print(f"fitted K=2 on {args.n_tokens:,} tokens; weights {[round(float(a), 3) for a in head.alpha]} "
           f"({time.perf_counter() - t0:.1f} s)")
 

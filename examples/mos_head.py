@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from torch_softmix import MixtureOfSoftmaxesHead, TokenCounts, hf
+from torch_softmix import EMFitter, MixtureOfSoftmaxesHead, TokenCounts, hf
 from torch_softmix.training import (
     FrozenLMHead,
     HeadCheckpoint,
@@ -65,7 +65,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     tokens = sample_at_states(design.X, hidden, args.em_tokens, design.bias, generator=gen)
     counts = TokenCounts.from_tokens(tokens, design.X.shape[0])
-    fitted = hf.lm_fitter(args.K, random_state=args.seed, polish_iter=args.polish_iter).fit(
+    fitted = EMFitter(args.K, random_state=args.seed, polish_iter=args.polish_iter).fit(
         design.X, counts=counts, bias=design.bias
     )
     print(f"EM fit: K={args.K}, weights {[round(float(a), 3) for a in fitted.alpha]}")

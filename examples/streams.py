@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from torch_softmix import hf, tune_memory_allocator
+from torch_softmix import EMFitter, hf, tune_memory_allocator
 from torch_softmix import simulate as sim
 from torch_softmix.io import read_shard
 
@@ -61,7 +61,7 @@ def main() -> None:
     print(f"\n{'K':>3}{'train ll/tok':>14}{'held-out ll/tok':>17}{'BIC':>14}{'iters':>7}{'sec':>7}")
     for K in range(1, args.max_k + 1):
         t1 = time.perf_counter()
-        fitter = hf.lm_fitter(K, random_state=args.seed, polish_iter=args.polish_iter)
+        fitter = EMFitter(K, random_state=args.seed, polish_iter=args.polish_iter)
         head = fitter.fit(design.X, counts=counts, bias=design.bias)
         ll = float(head.loglik(counts))
         bic = sim.information_criteria(ll, K, design.X.shape[1], counts.total)["bic"]

@@ -76,11 +76,11 @@ def test_polish_with_a_collapsed_component_stays_finite(problem):
     X, truth, counts = problem
     start = sim.perturbed_start(truth, 0.3, seed=5)
     start["alpha"] = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
-    fitter = EMFitter(3, init=start, max_iter=2, polish_iter=50)
+    fitter = EMFitter(3, init=start, max_iter=2, polish_iter=50, n_moves=0)
     with pytest.warns(RuntimeWarning, match="collapsed"):
         head = fitter.fit(X, counts=counts)
     assert torch.isfinite(head.beta).all() and torch.isfinite(torch.tensor(fitter.objective_))
-    em_only = EMFitter(3, init=start, max_iter=2)
+    em_only = EMFitter(3, init=start, max_iter=2, n_moves=0)
     with pytest.warns(RuntimeWarning, match="collapsed"):
         em_only.fit(X, counts=counts)
     assert fitter.objective_ >= em_only.objective_
@@ -124,3 +124,41 @@ def test_em_hands_over_to_the_quasi_newton_phase_when_it_slows(problem):
     assert fitter["polish"]["objective_after"] == pytest.approx(em_only.objective_, abs=1e-9)
     with pytest.raises(ValueError, match="switch_rate"):
         EMFitter(3, switch_rate=1.5).fit(X, counts=counts)
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """Peaked component laws (a few tokens carry most of each), as on LM designs."""
+    X = sim.gaussian_design(3000, 16, seed=0, dtype=torch.float64)
+    truth = sim.random_mixture(3, 16, norm=6.0, separation=4.2, min_weight=0.2, seed=1)
+    counts = TokenCounts.from_dense(sim.sample_counts(sim.make_head(X, truth, dtype=torch.float64), 100_000, seed=2))
+    return X, truth, counts
+
+
+def test_preconditioning_reaches_the_same_optimum_in_far_fewer_iterations(peaked):
+    X, truth, counts = peaked
+    start = sim.perturbed_start(truth, 0.3, seed=3)
+    wh, lam = Whitening.from_design(X), 1e-6 * counts.total
+    args = (X, counts, start["beta"], start["alpha"].log(), lam, wh)
+    pre = polish(*args, max_iter=3000, tol=1e-14, precondition=True)
+    plain = polish(*args, max_iter=3000, tol=1e-14, precondition=False)
+    assert pre.converged and plain.converged
+    assert pre.objective >= plain.objective - 1e-10
+    assert pre.n_iter < plain.n_iter / 2
+
+
+def test_covariance_from_the_top_tokens_matches_the_exact_one(peaked):
+    from torch_softmix import kernels
+    from torch_softmix.polish import _covariances
+
+    X, truth, counts = peaked
+    wh = Whitening.from_design(X)
+    lg = kernels.logits(X, truth["beta"], None, dtype=torch.float64)
+    exact = _covariances(X, lg, wh, torch.float64, None, None, top=X.shape[0])
+    s = torch.softmax(lg, 0)
+    m = s.T @ X
+    direct = torch.stack([(X - m[k]).T @ ((X - m[k]) * s[:, k : k + 1]) for k in range(3)])
+    torch.testing.assert_close(exact, direct, rtol=1e-9, atol=1e-12)
+    approx = _covariances(X, lg, wh, torch.float64, None, None, top=300)  # 10% of the vocabulary
+    err = (approx - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+    assert float(err.max()) < 0.05

@@ -15,6 +15,7 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -27,9 +28,10 @@ from .data import TokenCounts
 from .demo import print_demo, run_demo
 from .design import Design
 from .dist import Comm
-from .em import LM_FIT_DEFAULTS, EMFitter
+from .em import EMFitter
 from .head import SoftmaxMixtureHead
 from .io import atomic_write_bytes
+from .starts import STARTS
 from .system import tune_memory_allocator
 
 
@@ -155,6 +157,7 @@ def cmd_fit(args) -> int:
         init_max_iter=args.init_max_iter,
         max_iter=args.max_iter,
         polish_iter=args.polish_iter,
+        n_moves=args.n_moves,
         tol=args.tol,
         ridge=args.ridge,
         random_state=args.seed,
@@ -298,12 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shards", default=None, help="folder of token shards")
     sp.add_argument("--counts", default=None, help="a safetensors file with 'counts' (p,), instead of --shards")
     sp.add_argument("-K", "--n-components", dest="K", type=int, required=True)
-    lm = LM_FIT_DEFAULTS  # the fit defaults for language models
-    sp.add_argument("--init", default=lm["init"], choices=["kmeans", "mom", "subspace", "random"])
+    lm = {k: v.default for k, v in inspect.signature(EMFitter).parameters.items()}  # the fitter's own defaults
+    sp.add_argument("--init", default=lm["init"], choices=list(STARTS))
     sp.add_argument("--n-init", type=int, default=lm["n_init"], help="starts, each screened by --init-max-iter")
     sp.add_argument("--init-max-iter", type=int, default=lm["init_max_iter"], help="EM iterations per start")
     sp.add_argument("--max-iter", type=int, default=lm["max_iter"], help="EM iterations after screening")
     sp.add_argument("--polish-iter", type=int, default=lm["polish_iter"], help="L-BFGS iterations after EM")
+    sp.add_argument("--n-moves", type=int, default=lm["n_moves"], help="split-and-merge moves tried per round (0: none)")
     sp.add_argument("--tol", type=float, default=lm["tol"])
     sp.add_argument("--ridge", type=float, default=1e-6)
     sp.add_argument("--seed", type=int, default=0)

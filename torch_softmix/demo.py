@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import simulate as sim
-from .em import lm_fitter
+from .em import EMFitter
 
 DEMO_PROMPTS = [
     "The capital of France is",
@@ -43,10 +43,10 @@ def run_demo(
     K, L = len(DEMO_PROMPTS), design.X.shape[1]
     t0 = time.perf_counter()
     kw = {} if polish_iter is None else {"polish_iter": polish_iter}
-    fitter = lm_fitter(K, random_state=seed, progress=progress, **kw)
+    fitter = EMFitter(K, random_state=seed, progress=progress, **kw)
     fit = fitter.fit(design.X, counts=sample.counts)
     t_fit = time.perf_counter() - t0
-    oracle_fitter = lm_fitter(K, init=sample.truth, max_iter=20, **kw)
+    oracle_fitter = EMFitter(K, init=sample.truth, **kw)
     oracle = oracle_fitter.fit(design.X, counts=sample.counts)
     t_oracle = time.perf_counter() - t0 - t_fit
     ev, ev_o = sim.evaluate(fit, true_head), sim.evaluate(oracle, true_head)
@@ -83,7 +83,7 @@ def run_demo(
 def print_demo(r: dict) -> None:
     print(
         f"\nSmolLM2-135M-Instruct, K = {len(r['prompts'])} prompts, N = {r['n_tokens']:,} next tokens "
-        f"({r['n_distinct']:,} distinct); fit from the default start for LMs (hf.LM_FIT_DEFAULTS; best: "
+        f"({r['n_distinct']:,} distinct); fit with EMFitter's defaults (best start: "
         f"{r['best_start']}), {r['n_iter']} EM iterations"
         + (f" + {r['polish']['n_iter']} L-BFGS iterations" if r.get("polish") else "")
     )

@@ -26,7 +26,7 @@ from .head import SoftmaxMixtureHead, _param_dtype
 from .mstep import AUTO_NEWTON_MAX_L, M_STEPS
 from .objective import information_criteria
 from .progress import Bars
-from .search import FitEvent, Schedule, polish_phase, resume_run, screen_and_continue
+from .search import FitEvent, Schedule, polish_phase, refine, resume_run, screen_and_continue
 from .starts import MOM_METHODS, STARTS, Start, StartRequest, given_start, make_starts
 from .validation import (
     Check,
@@ -72,8 +72,9 @@ class EMFitter:
 
     Args:
         n_components: ``K >= 1``.
-        init: where EM starts: a registered name (``"mom"`` (default), ``"subspace"``, ``"kmeans"``,
-            ``"random"``; see :mod:`torch_softmix.starts`), or a :class:`SoftmaxMixtureHead` or a dict with
+        init: where EM starts: a registered name (``"auto"`` (default: MoM and k-means starts, the best by
+            screened objective), ``"mom"``, ``"subspace"``, ``"kmeans"``, ``"random"``; see
+            :mod:`torch_softmix.starts`), or a :class:`SoftmaxMixtureHead` or a dict with
             ``"alpha" (K,)`` and ``"beta" (K, L)`` (a warm start; an oracle start when given the truth).
         n_init: number of starts; the one with the best objective is kept.
         init_max_iter: with several starts, each runs this many EM iterations (screening) and only the
@@ -95,6 +96,10 @@ class EMFitter:
         switch_rate: EM hands over to the L-BFGS phase as soon as its measured rate (a step's gain over the
             previous step's) exceeds this: EM is fast while it makes big moves, L-BFGS where EM creeps.
             ``None``: EM runs to its own convergence first.
+        n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
+            ``n_moves`` best-ranked (merge, split) pairs, each split two ways and continued by EM and L-BFGS,
+            and keep the best if it raises the objective; ``0``: none. Skipped (with a warning) when the
+            vocabulary is shared among ranks.
         checkpoint: a file the run is saved to every ``checkpoint_every`` EM iterations (atomically). If it
             exists when ``fit`` starts, the fit resumes from it (after checking that design, bias, counts and
             settings agree) without recomputing the starts, and ends as an uninterrupted fit would
@@ -109,7 +114,7 @@ class EMFitter:
     ``"polish_tol"``, ``"polish_max_iter"``), ``n_iter_``, ``lower_bound_`` (per-token log-likelihood of
     ``head_``), ``lower_bounds_`` (per iteration), ``objective_``, ``history_``, ``collapsed_``, ``m_step_``,
     ``init_names_``, ``init_results_``, ``init_logliks_``, ``best_init_``, ``init_info_``, ``mom_``,
-    ``polish_``, ``n_tokens_``.
+    ``polish_``, ``moves_``, ``n_tokens_``.
     """
 
     _parameter_constraints = {
@@ -128,6 +133,7 @@ class EMFitter:
         "accelerate": OneOf(ACCELERATIONS),
         "polish_iter": Int(0),
         "switch_rate": Check(_check_rate),
+        "n_moves": Int(0),
         "checkpoint_every": Int(1),
         "random_state": Check(check_random_state),
         "device": Check(check_device),
@@ -138,8 +144,8 @@ class EMFitter:
     def __init__(
         self,
         n_components: int,
-        init: str | SoftmaxMixtureHead | dict = "mom",
-        n_init: int = 1,
+        init: str | SoftmaxMixtureHead | dict = "auto",
+        n_init: int = 4,
         init_max_iter: int | None = 10,
         mom_method: str = "tensor",
         max_iter: int = 300,
@@ -152,6 +158,7 @@ class EMFitter:
         accelerate: str | None = "squarem",
         polish_iter: int = 1000,
         switch_rate: float | None = 0.5,
+        n_moves: int = 2,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         random_state: int | torch.Generator | None = None,
@@ -164,6 +171,7 @@ class EMFitter:
         self.mom_method, self.max_iter, self.tol, self.ridge = mom_method, max_iter, tol, ridge
         self.m_step, self.m_step_iter, self.cg_max_iter, self.cg_rtol = m_step, m_step_iter, cg_max_iter, cg_rtol
         self.accelerate, self.polish_iter, self.switch_rate = accelerate, polish_iter, switch_rate
+        self.n_moves = n_moves
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every, self.random_state = checkpoint_every, random_state
         self.device, self.dtype, self.progress, self.chunk_size = device, dtype, progress, chunk_size
@@ -219,7 +227,12 @@ class EMFitter:
         req.ridge, req.mom_method = self.ridge, self.mom_method
         return make_starts(self.init, req)
 
-    # ------------------------------------------------------------------ phases
+    def _moves_generator(self) -> torch.Generator:
+        """The split moves' own random stream, derived from ``random_state`` (so a resumed fit draws the same)."""
+        rs = self.random_state
+        seed = rs.initial_seed() if isinstance(rs, torch.Generator) else rs
+        return make_generator(None if seed is None else int(seed) + 1)
+
     # ------------------------------------------------------------------ fit
     @torch.no_grad()
     def fit(
@@ -246,20 +259,28 @@ class EMFitter:
             key = self._key(problem, data)
             saved = resume(self.checkpoint, key, problem)  # before any start is computed
             ckpt = Checkpointer(self.checkpoint, key, self.checkpoint_every, comm=problem.comm)
-        sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter, self.switch_rate)
+        sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter, self.switch_rate,
+                         self.n_moves)
         with Bars(self.progress and problem.comm.rank == 0, f"K={self.n_components}") as bars:
             if saved is not None:
                 result, record = resume_run(problem, saved, sched, bars, ckpt, callback)
             else:
                 starts, info = self._starts(problem, make_generator(self.random_state))
                 result, record = screen_and_continue(problem, starts, info, sched, bars, ckpt, callback)
-            polish_info = None
+            polish_info, moves_info = None, None
+            best = record["init_names"][record["best_init"]]
             if self.polish_iter > 0:
-                best = record["init_names"][record["best_init"]]
                 result, polish_info = polish_phase(problem, result, sched, bars, callback, best)
-        return self._finish(problem, result, record, polish_info)
+            if self.n_moves > 0 and self.n_components > 1:
+                if problem.comm.distributed:  # not yet made rank-consistent: see README "Limitations"
+                    warnings.warn("split-and-merge moves are skipped when the vocabulary is shared among ranks; "
+                                  "pass n_moves=0 to silence this", RuntimeWarning, stacklevel=3)  # fmt: skip
+                else:
+                    result, moves_info = refine(problem, result, sched, bars, callback, self._moves_generator(), best)
+        return self._finish(problem, result, record, polish_info, moves_info)
 
-    def _finish(self, problem: FitProblem, result: RunResult, record: dict, polish_info: dict | None):
+    def _finish(self, problem: FitProblem, result: RunResult, record: dict, polish_info: dict | None,
+                moves_info: dict | None = None):
         state = result.state
         head = SoftmaxMixtureHead(  # over the whole design, also when the fit shared its rows among ranks
             problem.design.full_X,
@@ -272,6 +293,7 @@ class EMFitter:
         head.log_alpha.copy_(state.log_alpha)
         head.beta.copy_(state.beta)
         self.head_, self.n_tokens_, self.m_step_, self.polish_ = head, problem.n_tokens, problem.m_step, polish_info
+        self.moves_ = moves_info
         self.stop_reason_ = result.stop
         self.converged_ = result.stop in ("tol", "polish_tol")
         self.n_iter_, self.history_ = int(result.n_iter), result.history
@@ -294,6 +316,7 @@ class EMFitter:
             "stop": self.stop_reason_,
             "m_step": self.m_step_,
             **({"polish": self.polish_} if self.polish_ else {}),
+            **({"moves": self.moves_} if self.moves_ else {}),
             "init": self.init if isinstance(self.init, str) else "given",
             "n_init": len(self.init_names_),
             "best_init": self.init_names_[self.best_init_],
@@ -345,19 +368,14 @@ class EMFitter:
         return self._criteria(counts, tokens)["aic"]
 
 
-#: EMFitter settings for language-model designs: six k-means starts screened by 30 EM iterations each,
-#: 30 more EM iterations from the best, then L-BFGS on the marginal likelihood (where next-token laws share
-#: tokens EM creeps; the L-BFGS phase converges). The default of ``softmix fit`` and of the demo.
-LM_FIT_DEFAULTS: dict[str, Any] = {
-    "init": "kmeans",
-    "n_init": 6,
-    "init_max_iter": 30,
-    "max_iter": 30,
-    "polish_iter": 2000,
-    "tol": 1e-10,
-}
+#: Deprecated: the settings that were once needed for language-model designs. ``EMFitter``'s own defaults now
+#: cover every design (MoM and k-means starts chosen by likelihood, L-BFGS phase, split-and-merge moves), so
+#: this is empty; kept so that ``EMFitter(K, **LM_FIT_DEFAULTS)`` still works.
+LM_FIT_DEFAULTS: dict[str, Any] = {}
 
 
 def lm_fitter(n_components: int, **overrides: Any) -> EMFitter:
-    """An :class:`EMFitter` with :data:`LM_FIT_DEFAULTS` (any setting can be overridden)."""
-    return EMFitter(n_components, **{**LM_FIT_DEFAULTS, **overrides})
+    """Deprecated: use ``EMFitter(n_components, **overrides)``; its defaults are meant for LM designs too."""
+    warnings.warn("lm_fitter is deprecated: EMFitter(n_components) has one default for every design; use it",
+                  DeprecationWarning, stacklevel=2)  # fmt: skip
+    return EMFitter(n_components, **overrides)

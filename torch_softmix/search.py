@@ -7,6 +7,8 @@ once the problem and the starts exist:
    convergence); the start with the best objective continues for ``max_iter`` more.
 2. :func:`resume_run`: the same continuation from a checkpoint's state.
 3. :func:`polish_phase`: L-BFGS on the marginal likelihood from EM's point, kept only when not worse.
+4. :func:`refine`: split-and-merge moves (:mod:`torch_softmix.moves`) from the converged point, each followed
+   by EM and L-BFGS again, kept only when the objective rises.
 
 Each phase reports through one run callback (:func:`run_callback`): progress bar, checkpoint, user's
 ``FitEvent`` callback.
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from .checkpoint import Checkpointer
 from .engine import FitProblem, Point, RunResult, State, run
+from .moves import apply_move, candidate_moves
 from .polish import polish
 from .progress import Bars
 from .starts import Start
@@ -38,6 +41,7 @@ class Schedule:
     accelerate: str | None = "squarem"
     polish_iter: int = 0
     switch_rate: float | None = None
+    n_moves: int = 0
 
 
 @dataclass
@@ -129,6 +133,51 @@ def screen_and_continue(
 def _switch(sched: Schedule) -> float | None:
     """The hand-over rate, only when there is an L-BFGS phase to hand over to."""
     return sched.switch_rate if sched.polish_iter > 0 else None
+
+
+#: Rounds of moves allowed: ``max(2 K, MIN_MOVE_ROUNDS)``.
+MIN_MOVE_ROUNDS = 4
+#: A move is kept when it raises the per-token objective by more than this (and by more than ``tol``).
+MOVE_GAIN = 1e-8
+
+
+def refine(
+    problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars, user, gen, start: str = ""
+) -> tuple[RunResult, dict]:
+    """Split-and-merge moves from a converged fit (:mod:`torch_softmix.moves`).
+
+    Each round tries the ``sched.n_moves`` best-ranked moves (each with both splits, k-means and peak), each
+    continued to convergence (EM, then L-BFGS); the best of them is kept when it raises the objective by more
+    than :data:`MOVE_GAIN` per token and a new round begins (at most ``max(2 K, 4)`` rounds); otherwise the search ends. Monotone: only
+    improvements are kept.
+    """
+    info = {"rounds": 0, "tried": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
+    t0 = time.perf_counter()
+    K = result.state.log_alpha.shape[0]
+    for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
+        info["rounds"] += 1
+        best = None
+        for move in candidate_moves(problem, result.point, sched.n_moves):
+            alpha, beta = apply_move(problem, result.point, move, gen)
+            trial = run(problem, problem.evaluate(problem.state(alpha, beta)), sched.max_iter,
+                        accelerate=sched.accelerate, switch_rate=_switch(sched))  # fmt: skip
+            if sched.polish_iter > 0:
+                trial, _ = polish_phase(problem, trial, sched, bars, None, start)
+            info["tried"] += 1
+            if best is None or trial.point.objective > best.point.objective:
+                best = trial
+        if best is None or best.point.objective - result.point.objective <= max(MOVE_GAIN, problem.tol):
+            break
+        info["kept"] += 1
+        info["gain"] += best.point.objective - result.point.objective
+        history = result.history + [{**h, "phase": "move"} for h in best.history]
+        result = RunResult(best.point, history, result.n_iter + best.n_iter, best.stop)
+        if user is not None:
+            st = result.state
+            user(FitEvent("move", start, result.n_iter, result.point.loglik, result.point.objective, False,
+                          history, st.log_alpha, st.beta))  # fmt: skip
+    info["seconds"] = time.perf_counter() - t0
+    return result, info
 
 
 def resume_run(

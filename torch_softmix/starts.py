@@ -262,3 +262,25 @@ def _mom_starts(req: StartRequest) -> tuple[list[Start], dict]:
     info["fallback"] = f"MoM unusable ({mom.reason}); used subspace starts"
     warnings.warn(f"init='mom': {info['fallback']}", RuntimeWarning, stacklevel=4)
     return _subspace(req, moments, max(req.n_init, FALLBACK_STARTS)), info
+
+
+@register_start("auto")
+def _auto_starts(req: StartRequest) -> tuple[list[Start], dict]:
+    """The MoM estimate (when usable) and k-means starts, ``n_init`` in all: which wins is left to the likelihood.
+
+    MoM is exact in the limit on designs whose latent moments carry the mixture (Gaussian-like
+    embeddings); on LM output layers the moments are far from that and the k-means starts of frequent
+    tokens land nearer. Screening decides per data set.
+    """
+    d = req.design
+    moments = latent_moments(d.X, req.counts, d.whitening, d.chunk_size, d.comm)
+    mom = mom_estimate(d.X, req.counts, req.n_components, method=req.mom_method, whitening=d.whitening,
+                       moments=moments, seed=req.generator)  # fmt: skip
+    info: dict[str, Any] = {"mom_method": req.mom_method, "mom": mom}
+    starts = [Start("mom", mom.alpha, mom.beta)] if mom.ok else []
+    if not mom.ok:
+        info["mom_unusable"] = mom.reason
+    n_kmeans = max(req.n_init - len(starts), 1)
+    kmeans, _ = _kmeans_starts(StartRequest(d, req.counts, req.n_components, n_kmeans, req.generator, req.dtype,
+                                            req.ridge))  # fmt: skip
+    return starts + kmeans, info

@@ -1,0 +1,72 @@
+"""Split-and-merge moves: a wrong basin (one atom on two laws, two atoms on one) is left for the oracle's."""
+
+import pytest
+import torch
+
+from torch_softmix import EMFitter
+from torch_softmix import simulate as sim
+from torch_softmix.moves import apply_move, candidate_moves
+
+L = 16
+
+
+@pytest.fixture(scope="module")
+def stuck():
+    """Peaked laws; the start merges components 0 and 1 into one atom and splits component 2 into two."""
+    X = sim.gaussian_design(3000, L, seed=0, dtype=torch.float64)
+    truth = sim.random_mixture(3, L, norm=6.0, separation=4.2, min_weight=0.2, seed=3)
+    counts = sim.sample_counts(sim.make_head(X, truth, dtype=torch.float64), 100_000, seed=3)
+    b = truth["beta"]
+    d = 0.3 * torch.randn(L, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    bad = {"alpha": torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64),
+           "beta": torch.stack([(b[0] + b[1]) / 2, b[2] + d, b[2] - d])}  # fmt: skip
+    oracle = EMFitter(3, init=truth, n_moves=0).fit(X, counts=counts)
+    return X, truth, counts, bad, oracle.fit_info["objective_per_token"]
+
+
+def test_without_moves_the_fit_stays_in_the_wrong_basin(stuck):
+    X, truth, counts, bad, best = stuck
+    f = EMFitter(3, init=bad, n_moves=0)
+    f.fit(X, counts=counts)
+    assert f.converged_
+    assert f.objective_ < best - 1e-3
+    assert f.moves_ is None
+
+
+def test_moves_reach_the_oracle_and_keep_the_fit_monotone(stuck):
+    X, truth, counts, bad, best = stuck
+    stuck_fit = EMFitter(3, init=bad, n_moves=0).fit(X, counts=counts)
+    events = []
+    f = EMFitter(3, init=bad, random_state=0)
+    head = f.fit(X, counts=counts, callback=events.append)
+    assert f.objective_ == pytest.approx(best, abs=1e-8)
+    assert f.moves_["kept"] >= 1 and f.moves_["gain"] > 1e-3
+    assert head.fit_info["moves"]["kept"] == f.moves_["kept"]
+    ev = sim.evaluate(head, sim.make_head(X, truth, dtype=torch.float64))
+    assert ev["weight_error"] < 0.02
+    moved = [e.objective for e in events if e.phase == "move"]
+    assert moved and all(b > a for a, b in zip(moved, moved[1:]))
+    assert moved[0] > stuck_fit.fit_info["objective_per_token"]
+
+
+def test_candidate_moves_are_ranked_and_give_valid_starts(stuck):
+    X, truth, counts, bad, _ = stuck
+    f = EMFitter(3, init=bad, n_moves=0)
+    f.fit(X, counts=counts)
+    problem, _ = f._problem(X, None, None, counts)
+    point = problem.evaluate(problem.state(f.head_.alpha.detach().double(), f.head_.beta.detach().double()))
+    moves = candidate_moves(problem, point, 2)
+    assert len(moves) == 4 and {m.how for m in moves} == {"kmeans", "peak"}
+    scores = [m.score for m in moves]
+    assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
+    assert all(m.split not in m.merge or m.split == m.merge[0] for m in moves)
+    alpha, beta = apply_move(problem, point, moves[0], torch.Generator().manual_seed(0))
+    assert alpha.shape == (3,) and beta.shape == (3, L)
+    assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-12) and torch.isfinite(beta).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2"])
+def test_bad_n_moves_is_refused(stuck, bad):
+    X, truth, counts, _, _ = stuck
+    with pytest.raises(ValueError, match="n_moves must be an int >= 0"):
+        EMFitter(3, n_moves=bad).fit(X, counts=counts)

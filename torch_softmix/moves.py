@@ -1,0 +1,152 @@
+"""Split-and-merge moves: leaving a local optimum where one component covers two laws and two cover one.
+
+On LM next-token mixtures the typical wrong basin pairs a *merged* component (one atom fitted to the tokens
+of two prompts) with a *split* one (two atoms sharing one prompt's tokens). No small step leaves it: EM and
+L-BFGS both stop there. A move re-partitions the data of a few components at once (Ueda, Nakano, Ghahramani
+& Hinton, "SMEM algorithm for mixture models", 2000), and the fit is continued from the moved point; the
+search (:func:`torch_softmix.search.refine`) keeps a move only when the objective rises.
+
+Everything is computed from one E-step at the current point, on the support of the counts:
+
+* ``R (S, K)``: the counts shared out by responsibility, ``n_j gamma_jk``;
+* split score of ``k``: ``KL(f_k || s_k)`` between the component's share of the data ``f_k = R_k / W_k`` and its
+  own law ``s_k``: large when one atom explains tokens of two laws;
+* merge score of ``(i, j)``: the cosine of ``R_i`` and ``R_j`` weighted by ``1 / n``: large when two atoms
+  take turns on the same tokens.
+
+A move ``(merge=(i, j), split=k)`` gives ``i`` and ``j``'s data one atom (their moment match) and ``k``'s data
+two (k-means of its frequent tokens, then a few EM iterations on that data alone); ``k`` may be ``i`` itself
+(the pair's data re-split afresh), which is the only kind of move when ``K = 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .data import TokenCounts
+from .engine import FitProblem, Point, run
+from .mstep import AtomState, newton_m_step
+from .starts import kmeans_start
+
+#: EM iterations of the two-component fit that splits one component's data.
+SPLIT_EM_ITERS = 20
+#: Newton steps of a merged atom's moment match.
+MERGE_NEWTON_STEPS = 8
+
+
+@dataclass(frozen=True)
+class Move:
+    """Merge components ``merge = (i, j)`` into one and split ``split`` into two (``split`` may be ``i``)."""
+
+    merge: tuple[int, int]
+    split: int
+    score: float
+    how: str = "kmeans"  # "kmeans": two clusters of the data's frequent tokens; "peak": its top token vs the rest
+
+
+def shares(problem: FitProblem, point: Point) -> tuple[Tensor, Tensor]:
+    """``R (S, K)`` (counts shared out by responsibility) and ``log s (S, K)`` (component laws) on the support."""
+    st, c = point.state, problem.counts
+    log_s = st.atoms.logits.index_select(0, c.support) - st.atoms.A
+    joint = log_s + st.log_alpha
+    gamma = torch.exp(joint - torch.logsumexp(joint, 1, keepdim=True))
+    return c.values[:, None] * gamma, log_s
+
+
+def candidate_moves(problem: FitProblem, point: Point, n_moves: int) -> list[Move]:
+    """The ``n_moves`` most promising moves, best first (ranked by split score times merge score)."""
+    R, log_s = shares(problem, point)
+    comm = problem.comm
+    K = R.shape[1]
+    if K < 2:
+        return []
+    W = kernels.allsum(R.sum(0), comm, "moves_W")
+    f = R / W.clamp_min(1e-300)
+    split = kernels.allsum((f * (torch.log(f.clamp_min(1e-300)) - log_s)).sum(0), comm, "moves_split")
+    n = problem.counts.values[:, None]
+    gram = kernels.allsum(R.T @ (R / n), comm, "moves_gram")
+    norm = gram.diagonal().clamp_min(1e-300).sqrt()
+    merge = gram / (norm[:, None] * norm[None, :])
+    moves = []
+    for i in range(K):
+        for j in range(i + 1, K):
+            for k in range(K):
+                if k == j:
+                    continue  # (i, j) re-split is listed once, as k = i
+                s = float(split[k]) if k != i else float(split[i] + split[j])
+                moves.append(Move((i, j), k, float(merge[i, j]) * s))
+    moves.sort(key=lambda m: -m.score)
+    return [Move(m.merge, m.split, m.score, how) for m in moves[:n_moves] for how in ("kmeans", "peak")]
+
+
+def _merged_atom(problem: FitProblem, beta: Tensor, R: Tensor, W: Tensor) -> Tensor:
+    """The moment-matched atom of the data ``R (S,)`` (total ``W``), from ``beta (L,)``."""
+    c = problem.counts
+    S1 = kernels.allsum(kernels.weighted_sum(problem.X, R[:, None].to(problem.dtype), c.support,
+                                             problem.chunk_size), problem.comm, "moves_S1").to(torch.float64)  # fmt: skip
+    state = AtomState.from_beta(problem.X, beta[None], problem.bias, problem.dtype, problem.chunk_size, problem.comm)
+    for _ in range(MERGE_NEWTON_STEPS):
+        state, _ = newton_m_step(
+            problem.X, state, W.reshape(1), S1.reshape(1, -1), problem.ridge * float(W), dtype=problem.dtype,
+            method=problem.m_step, cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol,
+            chunk_size=problem.chunk_size, comm=problem.comm,
+        )  # fmt: skip
+    return state.beta[0]
+
+
+def _split(problem: FitProblem, R: Tensor, gen: torch.Generator, how: str) -> tuple[Tensor, Tensor]:
+    """Two components ``(alpha (2,), beta (2, L))`` for the data ``R (S,)``, then a short EM on that data alone.
+
+    ``how="kmeans"``: the k-means start of the data's frequent tokens; ``"peak"``: the data's most frequent
+    token alone against the rest (each group moment-matched), the start of a near-deterministic law.
+    """
+    c = problem.counts
+    keep = R > 0
+    data = TokenCounts(c.support[keep], R[keep], c.vocab_size)
+    sub = FitProblem(problem.design, data, problem.dtype, problem.ridge, problem.m_step, 1, problem.cg_max_iter,
+                     problem.cg_rtol, problem.tol, n_total=float(kernels.allsum(R.sum().reshape(1), problem.comm,
+                                                                                "moves_n")))  # fmt: skip
+    d = problem.design
+    if how == "peak":
+        top = int(torch.argmax(data.values))  # (one rank's top token when the rows are shared: a start only)
+        groups = torch.zeros(data.n_distinct, 2, dtype=torch.float64, device=R.device)
+        groups[:, 1] = data.values
+        groups[top] = torch.stack([data.values[top], data.values.new_zeros(())])
+        W = kernels.allsum(groups.sum(0), problem.comm, "moves_W2")
+        beta = torch.stack([_merged_atom(sub, torch.zeros_like(d.whitening.mean), groups[:, g], W[g]) for g in (0, 1)])
+        alpha = W / W.sum()
+    else:
+        alpha, beta = kmeans_start(d.X, data, 2, gen, whitening=d.whitening, bias=d.bias, ridge=problem.ridge,
+                                   dtype=problem.dtype, chunk_size=d.chunk_size, comm=d.comm, offset=d.lo)  # fmt: skip
+    result = run(sub, sub.evaluate(sub.state(alpha, beta)), SPLIT_EM_ITERS)
+    return result.state.log_alpha.exp(), result.state.beta
+
+
+def apply_move(problem: FitProblem, point: Point, move: Move, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The start ``(alpha (K,), beta (K, L))`` after ``move``; the other components keep their atoms and weights."""
+    R, _ = shares(problem, point)
+    W = kernels.allsum(R.sum(0), problem.comm, "moves_W")
+    alpha = point.state.log_alpha.exp().clone()
+    beta = point.state.beta.clone()
+    i, j = move.merge
+    k = move.split
+    if k == i:  # re-split the pair's data
+        a2, b2 = _split(problem, R[:, i] + R[:, j], gen, move.how)
+        total = alpha[i] + alpha[j]
+        alpha[i], alpha[j] = total * a2[0], total * a2[1]
+        beta[i], beta[j] = b2[0], b2[1]
+        return alpha, beta
+    w = W[i] + W[j]
+    start = (W[i] * beta[i] + W[j] * beta[j]) / w.clamp_min(1e-300)
+    merged = _merged_atom(problem, start, R[:, i] + R[:, j], w)
+    a2, b2 = _split(problem, R[:, k], gen, move.how)
+    # the merged atom takes slot i; slot j and slot k take the split's two atoms
+    alpha[i], beta[i] = alpha[i] + alpha[j], merged
+    ak = alpha[k].clone()
+    alpha[j], alpha[k] = ak * a2[0], ak * a2[1]
+    beta[j], beta[k] = b2[0], b2[1]
+    return alpha, beta
