@@ -40,3 +40,29 @@ def test_demo_path_runs(smollm2):
     assert len(r["fit"]["component_kl"]) == 4
     assert all(math.isfinite(v) for v in r["heldout_loglik"].values())
     assert r["heldout_loglik"]["oracle"] <= r["heldout_loglik"]["truth"] + 0.05  # overfits a little, not wildly
+
+
+@pytest.mark.slow
+def test_moves_leave_a_merged_and_split_basin_on_smollm2(smollm2):
+    """K = 3 next-token laws; the start gives prompts 0 and 1 one atom and prompt 2 two: EM and L-BFGS alone
+    converge there, 1e-4 per token below the oracle; the split-and-merge moves reach the oracle's basin."""
+    from torch_softmix import EMFitter, hf
+
+    model, tok = smollm2
+    design = hf.output_design(model)
+    prompts = ["The capital of France is", "Once upon a time, there was a little", "def fibonacci(n):\n    "]
+    sample = hf.sample_next_tokens(model, tok, prompts, 100_000, weights=[0.3, 0.3, 0.4], seed=0)
+    truth = {k: v.double() for k, v in sample.truth.items()}
+    b = truth["beta"]
+    d = torch.randn(b.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = d / d.norm() * 0.1 * float(b[2].norm())
+    bad = {"alpha": torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64),
+           "beta": torch.stack([(b[0] + b[1]) / 2, b[2] + d, b[2] - d])}  # fmt: skip
+    oracle = EMFitter(3, init=truth, n_moves=0).fit(design, counts=sample.counts).fit_info["objective_per_token"]
+    stuck = EMFitter(3, init=bad, n_moves=0)
+    stuck.fit(design, counts=sample.counts)
+    assert stuck.objective_ < oracle - 5e-5
+    moved = EMFitter(3, init=bad, random_state=0)
+    moved.fit(design, counts=sample.counts)
+    assert moved.moves_["kept"] >= 1
+    assert moved.objective_ > oracle - 5e-6
