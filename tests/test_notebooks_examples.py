@@ -30,7 +30,7 @@ def run_example(name: str, *args: str) -> str:
 
 def test_synthetic_fit_example():
     out = run_example("synthetic_fit.py", "--N", "100000")
-    assert "oracle (EM from truth)" in out and "EM, default start (MoM)" in out
+    assert "oracle (EM from truth)" in out and "EM, default (MoM + k-means starts)" in out
 
 
 def test_select_k_example_picks_the_truth():
