@@ -305,14 +305,15 @@ def polish(
     n_iter, converged, since_refresh = 0, False, 0
     H0 = _block_precond(X, lg, u, lam / N, whitening, dtype, chunk_size, comm) if precondition else None
     while n_iter < max_iter:
-        alpha = torch.softmax(u, 0).clamp_min(MIN_SCALE_WEIGHT)
-        if precondition and precondition_every and n_iter and n_iter % precondition_every == 0:
+        if not precondition:  # per-component scaling by the current weights
+            alpha = torch.softmax(u, 0).clamp_min(MIN_SCALE_WEIGHT)
+            H0 = torch.cat([(1.0 / alpha).repeat_interleave(r), 1.0 / alpha])
+        elif precondition_every and n_iter and n_iter % precondition_every == 0:
             H0 = _block_precond(X, lg, u, lam / N, whitening, dtype, chunk_size, comm)
-        scale = H0 if precondition else torch.cat([(1.0 / alpha).repeat_interleave(r), 1.0 / alpha])
-        d = _direction(g, memory, scale)
+        d = _direction(g, memory, H0)
         if float(g @ d) >= 0:  # not a descent direction: restart from the scaled gradient
             memory.clear()
-            d = _direction(g, memory, scale)
+            d = _direction(g, memory, H0)
         D, du = unpack(d)
         XD = obj.along(D)
 

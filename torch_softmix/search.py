@@ -148,8 +148,8 @@ def refine(
 
     Each round tries the ``sched.n_moves`` best-ranked moves (each with both splits, k-means and peak), each
     continued to convergence (EM, then L-BFGS); the best of them is kept when it raises the objective by more
-    than :data:`MOVE_GAIN` per token and a new round begins (at most ``max(2 K, 4)`` rounds); otherwise the search ends. Monotone: only
-    improvements are kept.
+    than :data:`MOVE_GAIN` per token and a new round begins (at most ``max(2 K, 4)`` rounds); otherwise the
+    search ends. Monotone: only improvements are kept.
     """
     info = {"rounds": 0, "tried": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
     t0 = time.perf_counter()

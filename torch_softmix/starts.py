@@ -243,19 +243,18 @@ def _subspace_starts(req: StartRequest) -> tuple[list[Start], dict]:
     return _subspace(req, latent_moments(d.X, req.counts, d.whitening, d.chunk_size, d.comm), req.n_init), {}
 
 
-@register_start("mom")
-def _mom_starts(req: StartRequest) -> tuple[list[Start], dict]:
+def _mom(req: StartRequest):
+    """The latent moments and the MoM estimate of ``req`` (both ``"mom"`` and ``"auto"`` start from it)."""
     d = req.design
     moments = latent_moments(d.X, req.counts, d.whitening, d.chunk_size, d.comm)
-    mom = mom_estimate(
-        d.X,
-        req.counts,
-        req.n_components,
-        method=req.mom_method,
-        whitening=d.whitening,
-        moments=moments,
-        seed=req.generator,
-    )
+    mom = mom_estimate(d.X, req.counts, req.n_components, method=req.mom_method, whitening=d.whitening,
+                       moments=moments, seed=req.generator)  # fmt: skip
+    return moments, mom
+
+
+@register_start("mom")
+def _mom_starts(req: StartRequest) -> tuple[list[Start], dict]:
+    moments, mom = _mom(req)
     info: dict[str, Any] = {"mom_method": req.mom_method, "mom": mom}
     if mom.ok:
         return [Start("mom", mom.alpha, mom.beta), *_subspace(req, moments, req.n_init - 1)], info
@@ -272,15 +271,12 @@ def _auto_starts(req: StartRequest) -> tuple[list[Start], dict]:
     embeddings); on LM output layers the moments are far from that and the k-means starts of frequent
     tokens land nearer. Screening decides per data set.
     """
-    d = req.design
-    moments = latent_moments(d.X, req.counts, d.whitening, d.chunk_size, d.comm)
-    mom = mom_estimate(d.X, req.counts, req.n_components, method=req.mom_method, whitening=d.whitening,
-                       moments=moments, seed=req.generator)  # fmt: skip
+    _, mom = _mom(req)
     info: dict[str, Any] = {"mom_method": req.mom_method, "mom": mom}
     starts = [Start("mom", mom.alpha, mom.beta)] if mom.ok else []
     if not mom.ok:
         info["mom_unusable"] = mom.reason
     n_kmeans = max(req.n_init - len(starts), 1)
-    kmeans, _ = _kmeans_starts(StartRequest(d, req.counts, req.n_components, n_kmeans, req.generator, req.dtype,
-                                            req.ridge))  # fmt: skip
+    kmeans, _ = _kmeans_starts(StartRequest(req.design, req.counts, req.n_components, n_kmeans, req.generator,
+                                            req.dtype, req.ridge))  # fmt: skip
     return starts + kmeans, info
