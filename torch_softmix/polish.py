@@ -193,6 +193,27 @@ def _covariances(X, lg: Tensor, whitening: Whitening, dtype, chunk_size, comm, t
     return torch.stack(out)
 
 
+def _cholesky_with_jitter(H: Tensor) -> Tensor:
+    """Cholesky factors of the ``(K, L, L)`` blocks ``H``; a block that is not numerically positive definite
+    (a component on one token, a tiny weight without ridge) gets the smallest of growing jitters
+    ``j * s I`` (``s`` the largest mean diagonal) that makes it so, or ``sqrt(s) I`` if none does."""
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    scale = float(H.diagonal(dim1=1, dim2=2).mean(1).max()) if H.numel() else 1.0
+    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+    chol, info = torch.linalg.cholesky_ex(H)
+    for jitter in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        bad = info != 0
+        if not bool(bad.any()):
+            return chol
+        fixed, info_fixed = torch.linalg.cholesky_ex(H[bad] + jitter * scale * eye)
+        chol[bad] = fixed
+        info = info.clone()
+        info[bad] = info_fixed
+    bad = info != 0
+    chol[bad] = math.sqrt(scale) * eye
+    return chol
+
+
 def _block_precond(X, lg: Tensor, u: Tensor, ridge: float, whitening: Whitening, dtype, chunk_size, comm):
     """``v -> H0 v`` with ``H0`` the inverse of the complete-data information per token: block ``k`` of the atoms
     ``(alpha_k C_k + ridge I)^{-1}`` (``C_k`` the covariance of ``X`` under component ``k``'s law), ``1 / alpha_k``
@@ -202,9 +223,7 @@ def _block_precond(X, lg: Tensor, u: Tensor, ridge: float, whitening: Whitening,
     K, L = C.shape[:2]
     eye = torch.eye(L, dtype=torch.float64, device=C.device)
     H = alpha[:, None, None] * C + max(ridge, 1e-12) * eye
-    chol, info = torch.linalg.cholesky_ex(H)
-    if bool((info != 0).any()):
-        chol = torch.linalg.cholesky(H + 1e-8 * H.diagonal(dim1=1, dim2=2).mean(1)[:, None, None] * eye)
+    chol = _cholesky_with_jitter(H)
 
     def apply(v: Tensor) -> Tensor:
         vb = torch.cholesky_solve(v[: K * L].view(K, L, 1), chol).flatten()

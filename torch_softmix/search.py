@@ -152,7 +152,7 @@ def refine(
     search ends. Monotone: only improvements are kept.
     """
     info = {"rounds": 0, "tried": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
-    t0 = time.perf_counter()
+    t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
         info["rounds"] += 1
@@ -170,8 +170,11 @@ def refine(
             break
         info["kept"] += 1
         info["gain"] += best.point.objective - result.point.objective
-        history = result.history + [{**h, "phase": "move"} for h in best.history]
-        result = RunResult(best.point, history, result.n_iter + best.n_iter, best.stop)
+        n_iter = result.n_iter + best.n_iter
+        entry = {"iter": n_iter, "loglik": best.point.loglik, "objective": best.point.objective, "phase": "move",
+                 "move_iters": best.n_iter, "time": t_base + time.perf_counter() - t0}  # fmt: skip
+        history = result.history + [entry]  # one entry per kept move: the history stays monotone
+        result = RunResult(best.point, history, n_iter, best.stop)
         if user is not None:
             st = result.state
             user(FitEvent("move", start, result.n_iter, result.point.loglik, result.point.objective, False,
@@ -243,7 +246,8 @@ def polish_phase(
         "objective_after": point.objective,
         "seconds": time.perf_counter() - t0,
     }
-    entry = {"iter": result.n_iter, "loglik": point.loglik, "objective": point.objective, "phase": "polish"}
+    kept_point = point if kept else result.point  # the history records accepted iterates only
+    entry = {"iter": result.n_iter, "loglik": kept_point.loglik, "objective": kept_point.objective, "phase": "polish"}
     result.history.append({**entry, "time": result.history[-1]["time"] + info["seconds"], "polish_iter": pr.n_iter,
                            "polish_evals": pr.n_evals})  # fmt: skip
     if not kept:
