@@ -47,6 +47,9 @@ def test_moves_reach_the_oracle_and_keep_the_fit_monotone(stuck):
     moved = [e.objective for e in events if e.phase == "move"]
     assert moved and all(b > a for a, b in zip(moved, moved[1:]))
     assert moved[0] > stuck_fit.fit_info["objective_per_token"]
+    obj = [h["objective"] for h in f.history_]  # accepted iterates only: one entry per kept move
+    assert all(b >= a - 1e-12 for a, b in zip(obj, obj[1:]))
+    assert sum(h.get("phase") == "move" for h in f.history_) == f.moves_["kept"]
 
 
 def test_candidate_moves_are_ranked_and_give_valid_starts(stuck):

@@ -162,3 +162,29 @@ def test_covariance_from_the_top_tokens_matches_the_exact_one(peaked):
     approx = _covariances(X, lg, wh, torch.float64, None, None, top=300)  # 10% of the vocabulary
     err = (approx - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
     assert float(err.max()) < 0.05
+
+
+def test_preconditioner_factors_singular_blocks_and_keeps_good_ones():
+    from torch_softmix.polish import _cholesky_with_jitter
+
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    good = A @ A.T + 0.1 * torch.eye(4, dtype=torch.float64)
+    v = torch.randn(4, 1, generator=gen, dtype=torch.float64)
+    singular = v @ v.T  # rank one: a component on one token without ridge
+    indefinite = singular - 1e-14 * torch.eye(4, dtype=torch.float64)  # rounding made it indefinite
+    H = torch.stack([good, singular, indefinite, torch.zeros(4, 4, dtype=torch.float64)])
+    chol = _cholesky_with_jitter(H.clone())
+    assert torch.isfinite(chol).all()
+    torch.testing.assert_close(chol[0], torch.linalg.cholesky(good))
+    for block in chol[1:]:
+        assert (block.diagonal() > 0).all()  # a usable factor: the solve is defined
+
+
+def test_history_is_monotone_through_polish_and_moves(peaked):
+    X, truth, counts = peaked
+    fitter = EMFitter(3, random_state=0, n_moves=2, max_iter=300)
+    fitter.fit(X, counts=counts)
+    obj = [h["objective"] for h in fitter.history_]
+    assert all(b >= a - 1e-12 * max(1.0, abs(a)) for a, b in zip(obj, obj[1:]))
+    assert obj[-1] == pytest.approx(fitter.objective_, abs=1e-12)
