@@ -149,23 +149,23 @@ def test_preconditioning_reaches_the_same_optimum_in_far_fewer_iterations(peaked
 
 def test_covariance_from_the_top_tokens_matches_the_exact_one(peaked):
     from torch_softmix import kernels
-    from torch_softmix.polish import _covariances
+    from torch_softmix.curvature import covariances
 
     X, truth, counts = peaked
     wh = Whitening.from_design(X)
     lg = kernels.logits(X, truth["beta"], None, dtype=torch.float64)
-    exact = _covariances(X, lg, wh, torch.float64, None, None, top=X.shape[0])
+    exact = covariances(X, lg, wh, torch.float64, None, None, top=X.shape[0])
     s = torch.softmax(lg, 0)
     m = s.T @ X
     direct = torch.stack([(X - m[k]).T @ ((X - m[k]) * s[:, k : k + 1]) for k in range(3)])
     torch.testing.assert_close(exact, direct, rtol=1e-9, atol=1e-12)
-    approx = _covariances(X, lg, wh, torch.float64, None, None, top=300)  # 10% of the vocabulary
+    approx = covariances(X, lg, wh, torch.float64, None, None, top=300)  # 10% of the vocabulary
     err = (approx - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
     assert float(err.max()) < 0.05
 
 
 def test_preconditioner_factors_singular_blocks_and_keeps_good_ones():
-    from torch_softmix.polish import _cholesky_with_jitter
+    from torch_softmix.curvature import cholesky_with_jitter
 
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(4, 4, generator=gen, dtype=torch.float64)
@@ -174,7 +174,7 @@ def test_preconditioner_factors_singular_blocks_and_keeps_good_ones():
     singular = v @ v.T  # rank one: a component on one token without ridge
     indefinite = singular - 1e-14 * torch.eye(4, dtype=torch.float64)  # rounding made it indefinite
     H = torch.stack([good, singular, indefinite, torch.zeros(4, 4, dtype=torch.float64)])
-    chol = _cholesky_with_jitter(H.clone())
+    chol = cholesky_with_jitter(H.clone())
     assert torch.isfinite(chol).all()
     torch.testing.assert_close(chol[0], torch.linalg.cholesky(good))
     for block in chol[1:]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .curvature import BlockPreconditioner
 from .data import TokenCounts
 from .engine import FitProblem, Point, State
 from .io import read_checkpoint, write_checkpoint
@@ -85,6 +87,9 @@ class Checkpointer:
         tensors = {"log_alpha": point.state.log_alpha, "beta": atoms.beta}
         if self.comm is None or not self.comm.distributed:
             tensors.update(logits=atoms.logits, A=atoms.A)  # a single-process resume is then bit-exact
+        if atoms.precond is not None:  # what the M-step's preconditioner was built from: a resume rebuilds it
+            pc = atoms.precond
+            tensors.update(precond_beta=pc.beta, precond_W=pc.W, precond_age=torch.tensor([pc.age]))
         if self.comm is None or self.comm.rank == 0:
             write_checkpoint(self.path, tensors, {**self.key, "n_maps": n_iter, "history": history, **self.extra})
         self.n_written += 1
@@ -106,7 +111,13 @@ def resume(path: str | os.PathLike, key: dict[str, str], problem: FitProblem) ->
                 "another checkpoint path"
             )
     t = {k: v.to(problem.design.device) for k, v in tensors.items()}
+    precond = None
+    if "precond_beta" in t:
+        precond = BlockPreconditioner.build(
+            problem.X, t["precond_beta"], t["precond_W"], problem.lam, problem.bias, problem.design.whitening,
+            problem.dtype, problem.chunk_size, problem.comm, age=int(t["precond_age"][0]),
+        )  # fmt: skip
     if "logits" in t and not problem.comm.distributed:
-        return State(t["log_alpha"], AtomState(t["beta"], t["logits"], t["A"])), meta
+        return State(t["log_alpha"], AtomState(t["beta"], t["logits"], t["A"], precond)), meta
     state = problem.state(t["log_alpha"].exp(), t["beta"])  # logits recomputed for this rank's rows
-    return State(t["log_alpha"], state.atoms), meta
+    return State(t["log_alpha"], replace(state.atoms, precond=precond)), meta

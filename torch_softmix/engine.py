@@ -77,7 +77,7 @@ class FitProblem:
     ridge: float = 1e-6
     m_step: str = "newton-cg"
     m_step_iter: int = 1
-    cg_max_iter: int = 10
+    cg_max_iter: int = 3
     cg_rtol: float = 1e-3
     tol: float = 1e-9
     n_total: float | None = None  # N over the whole vocabulary when ``counts`` are one rank's share
@@ -160,6 +160,8 @@ def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
         cg_rtol=problem.cg_rtol,
         chunk_size=problem.chunk_size,
         comm=problem.comm,
+        bias=problem.bias,
+        whitening=problem.design.whitening if problem.m_step == "newton-cg" else None,
     )
     log_alpha = torch.log(stats.W) - math.log(problem.n_tokens)
     return State(log_alpha, atoms), {"step_sizes": info.step_sizes, "passes": info.passes, "cg_iters": info.cg_iters}

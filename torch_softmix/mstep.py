@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .curvature import BlockPreconditioner, exact
 from .objective import atom_gradient
 
 #: Armijo constant of the sufficient-increase test.
@@ -62,12 +63,14 @@ class AtomState:
     """Atoms with their full logits cached: ``beta (K, L)``, ``logits (p, K)``, ``A (K,)``, all float64.
 
     ``logits = X beta^T + b`` (computed in the compute dtype, kept in float64) and
-    ``A = logsumexp_j logits``. The fit updates the three together, so they stay consistent.
+    ``A = logsumexp_j logits``. The fit updates the three together, so they stay consistent. ``precond``:
+    the block preconditioner of the Newton-CG M-step (:mod:`torch_softmix.curvature`), built at earlier atoms.
     """
 
     beta: Tensor
     logits: Tensor
     A: Tensor
+    precond: BlockPreconditioner | None = None  # the M-step's CG preconditioner, carried between M-steps
 
     @classmethod
     def from_beta(
@@ -89,7 +92,7 @@ class AtomState:
         beta = beta.to(device=X.device, dtype=dtype).to(torch.float64)
         step = (beta - self.beta).to(dtype)
         lg = self.logits + kernels.project(X, step, chunk_size=chunk_size).to(torch.float64)
-        return AtomState(beta, lg, kernels.log_normalizer_from_logits(lg, comm))
+        return AtomState(beta, lg, kernels.log_normalizer_from_logits(lg, comm), self.precond)
 
 
 def newton_direction(g: Tensor, H: Tensor) -> Tensor:
@@ -118,18 +121,26 @@ def cg_direction(
     rtol: float = 1e-3,
     chunk_size: int | None = None,
     comm=None,
+    precond: BlockPreconditioner | None = None,
 ) -> tuple[Tensor, int]:
-    """Solve ``(W_k C_k + lam I) d_k = g_k`` for all ``k`` by Jacobi-preconditioned conjugate gradients.
+    """Solve ``(W_k C_k + lam I) d_k = g_k`` for all ``k`` by preconditioned conjugate gradients.
 
-    ``s (p, K)`` and ``m (K, L)`` are the component laws and means at the current atoms. Each CG
-    iteration is one :func:`~torch_softmix.kernels.covariance_matvec` (two products over ``X``).
-    Returns the direction ``(K, L)`` float64 and the number of CG iterations run.
+    ``s (p, K)`` and ``m (K, L)`` are the component laws and means at the current atoms. The
+    preconditioner is ``precond`` (the blocks ``W_k C_k + lam I`` at earlier atoms) when given, else the
+    diagonal (one more pass). Each CG iteration is one :func:`~torch_softmix.kernels.covariance_matvec`
+    (two products over ``X``). Returns the direction ``(K, L)`` float64 and the number of CG iterations run.
     """
     dt = s.dtype
     Wd = W.to(torch.float64)
-    diag = Wd[:, None] * kernels.covariance_diagonal(X, s, m.to(dt), chunk_size, comm).to(torch.float64) + lam
-    Minv = 1.0 / diag.clamp_min(torch.finfo(torch.float64).tiny)
     m_dt = m.to(dt)
+    if precond is not None:
+        solve = precond.solve
+    else:
+        diag = Wd[:, None] * kernels.covariance_diagonal(X, s, m_dt, chunk_size, comm).to(torch.float64) + lam
+        Minv = 1.0 / diag.clamp_min(torch.finfo(torch.float64).tiny)
+
+        def solve(V: Tensor) -> Tensor:
+            return Minv * V
 
     def apply(V: Tensor) -> Tensor:
         CV = kernels.covariance_matvec(X, s, m_dt, V.to(dt), chunk_size, comm).to(torch.float64)
@@ -137,7 +148,7 @@ def cg_direction(
 
     x = torch.zeros_like(g)
     r = g.clone()
-    z = Minv * r
+    z = solve(r)
     pdir = z.clone()
     rz = (r * z).sum(1)
     target = rtol * g.norm(dim=1)
@@ -154,7 +165,7 @@ def cg_direction(
         active = ok & (r.norm(dim=1) > target)
         if not bool(active.any()):
             break
-        z = Minv * r
+        z = solve(r)
         rz_new = (r * z).sum(1)
         pdir = z + torch.where(active, rz_new / rz.clamp_min(torch.finfo(torch.float64).tiny), 0.0)[:, None] * pdir
         rz = rz_new
@@ -171,15 +182,15 @@ class MStepInfo:
     passes: int = 0
 
 
-def _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info: MStepInfo, comm) -> Tensor:
+def _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info: MStepInfo, comm, precond) -> Tensor:
     """The Newton direction ``(W C + lam I)^{-1} g`` per component, exactly or by CG; counts its passes."""
     if method == "newton":
         C = kernels.covariance(X, s, m, chunk_size, comm)
         info.passes += 1
         return newton_direction(g, m_hessian(C, W, lam))
-    d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size, comm)
+    d, n_cg = cg_direction(X, s, m, W, lam, g, cg_max_iter, cg_rtol, chunk_size, comm, precond)
     info.cg_iters += n_cg
-    info.passes += 1 + 2 * n_cg
+    info.passes += (0 if precond is not None else 1) + 2 * n_cg
     return d
 
 
@@ -234,6 +245,8 @@ def newton_m_step(
     cg_rtol: float = 1e-3,
     chunk_size: int | None = None,
     comm=None,
+    bias: Tensor | None = None,
+    whitening=None,
 ) -> tuple[AtomState, MStepInfo]:
     """Up to ``max_steps`` damped Newton steps on every ``f_k``.
 
@@ -245,18 +258,26 @@ def newton_m_step(
         tol: skip a component once its predicted gain ``g . d / 2`` is below ``tol`` (units of ``f``).
         comm: a :class:`~torch_softmix.dist.Comm` when ``X`` and the cached logits are this rank's rows; every
             sum over the vocabulary is then all-reduced (sizes ``K x L`` or ``K``, never ``p``).
+        bias, whitening: the design's bias and whitening, for building the Newton-CG preconditioner
+            (:class:`~torch_softmix.curvature.BlockPreconditioner`, carried in the returned state and rebuilt
+            when stale; without ``whitening`` it is built by the exact ``p L^2 K`` pass).
 
     Components whose objective cannot be raised keep their atom (step size 0).
     """
     info = MStepInfo()
     W, S1 = W.to(torch.float64), S1.to(torch.float64)
-    beta, lg, A = state.beta, state.logits, state.A
+    beta, lg, A, precond = state.beta, state.logits, state.A, state.precond
     for _ in range(max_steps):
+        if method == "newton-cg" and (precond is None or precond.stale or precond.beta.shape != beta.shape):
+            precond = BlockPreconditioner.build(X, beta, W, lam, bias, whitening, dtype, chunk_size, comm)
+            info.passes += 3 if exact(X.shape[0], comm, whitening) else 1
         s = kernels.probs_from_logits(lg, A, dtype)
         m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
         info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
-        d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info, comm)
+        d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info, comm, precond)
+        if precond is not None:
+            precond = precond.aged()
         d = d.to(dtype).to(torch.float64)  # the step the products see, exactly
         slope = (g * d).sum(1)  # > 0 for an ascent direction
         active = (slope > 2 * tol) & (slope > 0) & torch.isfinite(slope)
@@ -271,4 +292,4 @@ def newton_m_step(
         lg = lg + t * XD
         A = A + dA
         info.step_sizes = t.tolist()
-    return AtomState(beta, lg, A), info
+    return AtomState(beta, lg, A, precond), info

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import curvature, kernels
 from .data import TokenCounts
 from .head import _param_dtype
 from .moments import Whitening
@@ -161,69 +161,15 @@ def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale) -> 
     return -r
 
 
-#: Tokens per component whose embeddings enter the preconditioner exactly (the rest through ``Cov X``).
-PRECOND_TOP = 2048
-
-
-def _covariances(X, lg: Tensor, whitening: Whitening, dtype, chunk_size, comm, top: int = PRECOND_TOP) -> Tensor:
-    """``C_k ~ Cov_{s_k}(X)`` ``(K, L, L)`` float64 for the component laws ``s_k = softmax(lg[:, k])``.
-
-    The ``top`` most probable tokens of each law enter exactly; the remaining mass ``tau_k`` is spread like
-    the rows of ``X`` (``tau_k (Cov X + (mu - m_k)(mu - m_k)^T)``). Exact (a ``p L^2 K`` pass) when the
-    vocabulary is small or shared among ranks.
-    """
-    A = kernels.log_normalizer_from_logits(lg, comm)
-    p, K = lg.shape
-    if (comm is not None and comm.distributed) or p <= 4 * top:
-        s = kernels.probs_from_logits(lg, A, dtype)
-        m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "precond_mean")
-        return kernels.covariance(X, s, m, chunk_size, comm).to(torch.float64)
-    mu = whitening.mean.to(lg.device)
-    cov = whitening.W_inv.T.to(lg.device) @ whitening.W_inv.to(lg.device)
-    out = []
-    for k in range(K):
-        val, idx = torch.topk(lg[:, k], top)
-        s = torch.exp(val - A[k])
-        Xk = X.index_select(0, idx).to(torch.float64)
-        tau = float((1.0 - s.sum()).clamp_min(0.0))
-        m = s @ Xk + tau * mu
-        D = Xk - m
-        e = mu - m
-        out.append((D * s[:, None]).T @ D + tau * (cov + torch.outer(e, e)))
-    return torch.stack(out)
-
-
-def _cholesky_with_jitter(H: Tensor) -> Tensor:
-    """Cholesky factors of the ``(K, L, L)`` blocks ``H``; a block that is not numerically positive definite
-    (a component on one token, a tiny weight without ridge) gets the smallest of growing jitters
-    ``j * s I`` (``s`` the largest mean diagonal) that makes it so, or ``sqrt(s) I`` if none does."""
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    scale = float(H.diagonal(dim1=1, dim2=2).mean(1).max()) if H.numel() else 1.0
-    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    chol, info = torch.linalg.cholesky_ex(H)
-    for jitter in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        bad = info != 0
-        if not bool(bad.any()):
-            return chol
-        fixed, info_fixed = torch.linalg.cholesky_ex(H[bad] + jitter * scale * eye)
-        chol[bad] = fixed
-        info = info.clone()
-        info[bad] = info_fixed
-    bad = info != 0
-    chol[bad] = math.sqrt(scale) * eye
-    return chol
-
-
 def _block_precond(X, lg: Tensor, u: Tensor, ridge: float, whitening: Whitening, dtype, chunk_size, comm):
     """``v -> H0 v`` with ``H0`` the inverse of the complete-data information per token: block ``k`` of the atoms
     ``(alpha_k C_k + ridge I)^{-1}`` (``C_k`` the covariance of ``X`` under component ``k``'s law), ``1 / alpha_k``
     for the weights' logits."""
-    C = _covariances(X, lg, whitening, dtype, chunk_size, comm)
+    C = curvature.covariances(X, lg, whitening, dtype, chunk_size, comm)
     alpha = torch.softmax(u, 0).clamp_min(MIN_SCALE_WEIGHT)
     K, L = C.shape[:2]
     eye = torch.eye(L, dtype=torch.float64, device=C.device)
-    H = alpha[:, None, None] * C + max(ridge, 1e-12) * eye
-    chol = _cholesky_with_jitter(H)
+    chol = curvature.cholesky_with_jitter(alpha[:, None, None] * C + max(ridge, 1e-12) * eye)
 
     def apply(v: Tensor) -> Tensor:
         vb = torch.cholesky_solve(v[: K * L].view(K, L, 1), chol).flatten()

@@ -1,0 +1,126 @@
+"""Per-component curvature of the complete-data likelihood: the covariances ``C_k`` and their factors.
+
+Component ``k``'s atom enters the complete-data likelihood through ``W_k A(beta_k)``, whose Hessian is
+``W_k C_k`` with ``C_k`` the covariance of the embeddings under the law ``softmax(X beta_k + b)``. The
+M-step's Newton systems are ``(W_k C_k + lam I) d = g``, and the L-BFGS phase uses the inverse of the same
+blocks as its initial inverse Hessian. On LM designs the laws are peaked: a few thousand tokens carry
+nearly all of each law's mass. :func:`covariances` therefore takes each law's ``top`` most probable tokens
+exactly and spreads the remaining mass like the rows of ``X`` (``Cov X`` from the design's whitening),
+``O(top L^2 K)`` instead of a ``p L^2 K`` pass; small vocabularies and vocabularies shared among ranks get the
+exact pass.
+
+:class:`BlockPreconditioner` holds the Cholesky factors of ``W_k C_k + lam I`` for the M-step's conjugate
+gradients. It is rebuilt every :data:`REBUILD_EVERY` M-steps, from fresh logits of the atoms it was built
+at, so that it is a function of ``(beta, W)`` alone: a checkpoint stores those two and a resumed fit
+rebuilds the same factors (bit-exact resume).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .moments import Whitening
+
+#: Tokens per component whose embeddings enter ``C_k`` exactly (the rest through ``Cov X``).
+TOP_TOKENS = 2048
+#: M-steps between rebuilds of the M-step's block preconditioner (a rebuild costs about ``top L^2 K``).
+REBUILD_EVERY = 10
+
+
+def exact(p: int, comm, whitening: Whitening | None, top: int = TOP_TOKENS) -> bool:
+    """Whether :func:`covariances` takes the exact ``p L^2 K`` pass (two passes over ``X``)."""
+    return (comm is not None and comm.distributed) or p <= 4 * top or whitening is None
+
+
+def covariances(X, lg: Tensor, whitening: Whitening | None, dtype, chunk_size, comm, top: int = TOP_TOKENS) -> Tensor:
+    """``C_k ~ Cov_{s_k}(X)`` ``(K, L, L)`` float64 for the component laws ``s_k = softmax(lg[:, k])``.
+
+    ``lg (p, K)``: logits of this rank's rows. The ``top`` most probable tokens of each law enter exactly;
+    the remaining mass ``tau_k`` is spread like the rows of ``X`` (``tau_k (Cov X + (mu - m_k)(mu - m_k)^T)``).
+    Exact (a ``p L^2 K`` pass) when the vocabulary is small (``p <= 4 top``), shared among ranks, or no
+    ``whitening`` is given.
+    """
+    A = kernels.log_normalizer_from_logits(lg, comm)
+    K = lg.shape[1]
+    if exact(lg.shape[0], comm, whitening, top):
+        s = kernels.probs_from_logits(lg, A, dtype)
+        m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "curvature_mean")
+        return kernels.covariance(X, s, m, chunk_size, comm).to(torch.float64)
+    mu = whitening.mean.to(lg.device)
+    cov = whitening.W_inv.T.to(lg.device) @ whitening.W_inv.to(lg.device)
+    out = []
+    for k in range(K):
+        val, idx = torch.topk(lg[:, k], top)
+        s = torch.exp(val - A[k])
+        Xk = X.index_select(0, idx).to(torch.float64)
+        tau = float((1.0 - s.sum()).clamp_min(0.0))
+        m = s @ Xk + tau * mu
+        D = Xk - m
+        e = mu - m
+        out.append((D * s[:, None]).T @ D + tau * (cov + torch.outer(e, e)))
+    return torch.stack(out)
+
+
+def cholesky_with_jitter(H: Tensor) -> Tensor:
+    """Cholesky factors of the ``(K, L, L)`` symmetric blocks ``H``.
+
+    A block that is not numerically positive definite (a component on one token, a tiny weight without
+    ridge, rounding) gets the smallest of growing jitters ``j s_k I`` that makes it so (``s_k`` its mean
+    diagonal, or the largest over the blocks when that is not positive), or ``sqrt(s_k) I`` if none does.
+    """
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    diag = H.diagonal(dim1=1, dim2=2).mean(1)
+    diag = torch.where(torch.isfinite(diag), diag, torch.zeros_like(diag))
+    top = float(diag.max()) if diag.numel() else 1.0
+    scale = torch.where(diag > 0, diag, torch.full_like(diag, top if top > 0 else 1.0))
+    chol, info = torch.linalg.cholesky_ex(H)
+    for jitter in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        bad = info != 0
+        if not bool(bad.any()):
+            return chol
+        fixed, info_fixed = torch.linalg.cholesky_ex(H[bad] + jitter * scale[bad, None, None] * eye)
+        chol[bad] = fixed
+        info = info.clone()
+        info[bad] = info_fixed
+    bad = info != 0
+    if bool(bad.any()):
+        chol[bad] = scale[bad, None, None].sqrt() * eye
+    return chol
+
+
+@dataclass
+class BlockPreconditioner:
+    """Factors of ``W_k C_k(beta_k) + lam I`` built at atoms ``beta (K, L)`` and weights ``W (K,)`` (float64);
+    ``age``: M-steps since the build."""
+
+    beta: Tensor
+    W: Tensor
+    chol: Tensor
+    age: int = 0
+
+    @classmethod
+    def build(cls, X, beta: Tensor, W: Tensor, lam: float, bias, whitening, dtype, chunk_size, comm, age: int = 0):
+        """One pass over ``X`` for fresh logits, then :func:`covariances` and the factors."""
+        beta = beta.to(torch.float64)
+        W = W.to(torch.float64)
+        lg = kernels.logits(X, beta, bias, dtype=dtype, chunk_size=chunk_size)
+        C = covariances(X, lg, whitening, dtype, chunk_size, comm)
+        eye = torch.eye(C.shape[-1], dtype=torch.float64, device=C.device)
+        H = W.to(C.device)[:, None, None] * C + max(lam, 1e-12) * eye
+        return cls(beta, W, cholesky_with_jitter(H), age)
+
+    def solve(self, V: Tensor) -> Tensor:
+        """``(W_k C_k + lam I)^{-1} v_k`` for the rows of ``V (K, L)``."""
+        K, L = V.shape
+        return torch.cholesky_solve(V.to(torch.float64).reshape(K, L, 1), self.chol).reshape(K, L)
+
+    def aged(self) -> BlockPreconditioner:
+        return BlockPreconditioner(self.beta, self.W, self.chol, self.age + 1)
+
+    @property
+    def stale(self) -> bool:
+        return self.age >= REBUILD_EVERY
