@@ -29,6 +29,16 @@ from .moments import Whitening
 TOP_TOKENS = 2048
 #: M-steps between rebuilds of the M-step's block preconditioner (a rebuild costs about ``top L^2 K``).
 REBUILD_EVERY = 10
+#: The M-step's block preconditioner is used when its ``K L^2`` float64 factors take at most this share of
+#: the bytes of ``X`` (this rank's rows); above, the Newton-CG M-step keeps the diagonal preconditioner, so
+#: that a fit's memory stays that of the design plus ``O(K L)`` (benchmarks/bench_scale.py's bound).
+MEMORY_SHARE = 1 / 16
+
+
+def affordable(X: Tensor, K: int) -> bool:
+    """Whether the ``K`` blocks of ``L x L`` float64 factors fit :data:`MEMORY_SHARE` of ``X``'s memory."""
+    L = X.shape[1]
+    return K * L * L * 8 <= MEMORY_SHARE * X.numel() * X.element_size()
 
 
 def exact(p: int, comm, whitening: Whitening | None, top: int = TOP_TOKENS) -> bool:
@@ -52,7 +62,8 @@ def covariances(X, lg: Tensor, whitening: Whitening | None, dtype, chunk_size, c
         return kernels.covariance(X, s, m, chunk_size, comm).to(torch.float64)
     mu = whitening.mean.to(lg.device)
     cov = whitening.W_inv.T.to(lg.device) @ whitening.W_inv.to(lg.device)
-    out = []
+    L = X.shape[1]
+    out = torch.empty(K, L, L, dtype=torch.float64, device=lg.device)
     for k in range(K):
         val, idx = torch.topk(lg[:, k], top)
         s = torch.exp(val - A[k])
@@ -61,8 +72,8 @@ def covariances(X, lg: Tensor, whitening: Whitening | None, dtype, chunk_size, c
         m = s @ Xk + tau * mu
         D = Xk - m
         e = mu - m
-        out.append((D * s[:, None]).T @ D + tau * (cov + torch.outer(e, e)))
-    return torch.stack(out)
+        out[k] = (D * s[:, None]).T @ D + tau * (cov + torch.outer(e, e))
+    return out
 
 
 def cholesky_with_jitter(H: Tensor) -> Tensor:
@@ -109,9 +120,8 @@ class BlockPreconditioner:
         W = W.to(torch.float64)
         lg = kernels.logits(X, beta, bias, dtype=dtype, chunk_size=chunk_size)
         C = covariances(X, lg, whitening, dtype, chunk_size, comm)
-        eye = torch.eye(C.shape[-1], dtype=torch.float64, device=C.device)
-        H = W.to(C.device)[:, None, None] * C + max(lam, 1e-12) * eye
-        return cls(beta, W, cholesky_with_jitter(H), age)
+        C.mul_(W.to(C.device)[:, None, None]).diagonal(dim1=1, dim2=2).add_(max(lam, 1e-12))
+        return cls(beta, W, cholesky_with_jitter(C), age)
 
     def solve(self, V: Tensor) -> Tensor:
         """``(W_k C_k + lam I)^{-1} v_k`` for the rows of ``V (K, L)``."""

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .curvature import BlockPreconditioner, exact
+from .curvature import BlockPreconditioner, affordable, exact
 from .objective import atom_gradient
 
 #: Armijo constant of the sufficient-increase test.
@@ -268,7 +268,8 @@ def newton_m_step(
     W, S1 = W.to(torch.float64), S1.to(torch.float64)
     beta, lg, A, precond = state.beta, state.logits, state.A, state.precond
     for _ in range(max_steps):
-        if method == "newton-cg" and (precond is None or precond.stale or precond.beta.shape != beta.shape):
+        blocks = method == "newton-cg" and affordable(X, beta.shape[0])
+        if blocks and (precond is None or precond.stale or precond.beta.shape != beta.shape):
             precond = BlockPreconditioner.build(X, beta, W, lam, bias, whitening, dtype, chunk_size, comm)
             info.passes += 3 if exact(X.shape[0], comm, whitening) else 1
         s = kernels.probs_from_logits(lg, A, dtype)
