@@ -29,6 +29,8 @@ from .moments import Whitening
 TOP_TOKENS = 2048
 #: M-steps between rebuilds of the M-step's block preconditioner (a rebuild costs about ``top L^2 K``).
 REBUILD_EVERY = 10
+#: CG steps of the M-step with the block preconditioner (the diagonal one keeps ``cg_max_iter``).
+BLOCK_CG_ITER = 3
 #: The M-step's block preconditioner is used when its ``K L^2`` float64 factors take at most this share of
 #: the bytes of ``X`` (this rank's rows); above, the Newton-CG M-step keeps the diagonal preconditioner, so
 #: that a fit's memory stays that of the design plus ``O(K L)`` (benchmarks/bench_scale.py's bound).

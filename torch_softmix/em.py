@@ -87,8 +87,8 @@ class EMFitter:
         m_step: ``"newton"`` (``K`` Hessians ``L x L``), ``"newton-cg"`` (Hessian-vector products) or
             ``"auto"`` (Newton for ``L <= 64``); the one used is ``m_step_``.
         m_step_iter: Newton steps per M-step (1 = generalised EM).
-        cg_max_iter, cg_rtol: conjugate-gradient budget and relative residual for ``"newton-cg"`` (preconditioned
-            by the blocks ``W_k C_k + ridge I`` of earlier atoms, :mod:`torch_softmix.curvature`, so a few suffice).
+        cg_max_iter, cg_rtol: conjugate-gradient budget and relative residual for ``"newton-cg"`` (with the
+            block preconditioner of :mod:`torch_softmix.curvature`, when it fits, at most 3 CG steps suffice).
         accelerate: ``"squarem"`` (default; an extrapolation every two EM iterations, kept only when not
             worse, so the fit stays monotone) or ``None``.
         polish_iter: after EM, up to this many L-BFGS iterations on the marginal likelihood
@@ -154,7 +154,7 @@ class EMFitter:
         ridge: float = 1e-6,
         m_step: str = "auto",
         m_step_iter: int = 1,
-        cg_max_iter: int = 3,
+        cg_max_iter: int = 10,
         cg_rtol: float = 1e-3,
         accelerate: str | None = "squarem",
         polish_iter: int = 1000,

@@ -77,7 +77,7 @@ class FitProblem:
     ridge: float = 1e-6
     m_step: str = "newton-cg"
     m_step_iter: int = 1
-    cg_max_iter: int = 3
+    cg_max_iter: int = 10
     cg_rtol: float = 1e-3
     tol: float = 1e-9
     n_total: float | None = None  # N over the whole vocabulary when ``counts`` are one rank's share

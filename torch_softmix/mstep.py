@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .curvature import BlockPreconditioner, affordable, exact
+from .curvature import BLOCK_CG_ITER, BlockPreconditioner, affordable, exact
 from .objective import atom_gradient
 
 #: Armijo constant of the sufficient-increase test.
@@ -268,7 +268,8 @@ def newton_m_step(
     W, S1 = W.to(torch.float64), S1.to(torch.float64)
     beta, lg, A, precond = state.beta, state.logits, state.A, state.precond
     for _ in range(max_steps):
-        blocks = method == "newton-cg" and affordable(X, beta.shape[0])
+        shared = comm is not None and comm.distributed  # blocks would put K L^2 numbers on the wire
+        blocks = method == "newton-cg" and not shared and affordable(X, beta.shape[0])
         if blocks and (precond is None or precond.stale or precond.beta.shape != beta.shape):
             precond = BlockPreconditioner.build(X, beta, W, lam, bias, whitening, dtype, chunk_size, comm)
             info.passes += 3 if exact(X.shape[0], comm, whitening) else 1
@@ -276,7 +277,8 @@ def newton_m_step(
         m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
         info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
-        d = _direction(X, s, m, g, W, lam, method, cg_max_iter, cg_rtol, chunk_size, info, comm, precond)
+        n_cg = cg_max_iter if precond is None else min(cg_max_iter, BLOCK_CG_ITER)
+        d = _direction(X, s, m, g, W, lam, method, n_cg, cg_rtol, chunk_size, info, comm, precond)
         if precond is not None:
             precond = precond.aged()
         d = d.to(dtype).to(torch.float64)  # the step the products see, exactly
