@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import curvature, kernels
 from .data import TokenCounts
 from .design import Design
 from .mstep import AtomState, newton_m_step
@@ -143,6 +143,12 @@ def e_step(problem: FitProblem, state: State) -> kernels.EStepStats:
     return kernels.reduce_stats(stats, problem.comm)
 
 
+def _blocks_possible(problem: FitProblem) -> bool:
+    """Whether the M-step may build its block preconditioner (then it needs the design's whitening, computed
+    once; asked for only then, so that a fit without it runs no extra collectives)."""
+    return problem.m_step == "newton-cg" and curvature.MEMORY_SHARE > 0 and not problem.comm.distributed
+
+
 def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
     """Weights ``alpha = W / N`` exactly; atoms by damped Newton steps on each component's surrogate."""
     stats = point.stats
@@ -161,7 +167,7 @@ def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
         chunk_size=problem.chunk_size,
         comm=problem.comm,
         bias=problem.bias,
-        whitening=problem.design.whitening if problem.m_step == "newton-cg" else None,
+        whitening=problem.design.whitening if _blocks_possible(problem) else None,
     )
     log_alpha = torch.log(stats.W) - math.log(problem.n_tokens)
     return State(log_alpha, atoms), {"step_sizes": info.step_sizes, "passes": info.passes, "cg_iters": info.cg_iters}
