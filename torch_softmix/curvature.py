@@ -33,16 +33,20 @@ REBUILD_EVERY = 10
 BLOCK_CG_ITER = 3
 #: The M-step's block preconditioner is used when its ``K L^2`` float64 factors take at most this share of
 #: the bytes of ``X``; otherwise the Newton-CG M-step keeps the diagonal preconditioner. **0 (off) by
-#: default**: the decision is taken on this rank's rows, so with the vocabulary shared among ranks it would
-#: give another path than one process (whose fits the distributed tests require to match); set it (e.g.
-#: ``1 / 16``, which keeps benchmarks/bench_scale.py's memory bound) for single-process fits.
+#: default**: a fit over several ranks never uses the blocks (:func:`usable`), and it must take the same path
+#: as one process (the distributed tests require their fits to match); set it (e.g. ``1 / 16``, which keeps
+#: benchmarks/bench_scale.py's memory bound) for single-process fits.
 MEMORY_SHARE = 0.0
 
 
-def affordable(X: Tensor, K: int) -> bool:
-    """Whether the ``K`` blocks of ``L x L`` float64 factors fit :data:`MEMORY_SHARE` of ``X``'s memory."""
+def usable(X: Tensor, K: int, comm=None) -> bool:
+    """Whether the M-step uses the block preconditioner: the ``K`` blocks of ``L x L`` float64 factors fit
+    :data:`MEMORY_SHARE` of ``X``'s memory and the vocabulary is not shared among ranks (the blocks would put
+    ``K L^2`` numbers on the wire, and the rule must not depend on a rank's rows)."""
+    if MEMORY_SHARE <= 0 or (comm is not None and comm.distributed):
+        return False
     L = X.shape[1]
-    return MEMORY_SHARE > 0 and K * L * L * 8 <= MEMORY_SHARE * X.numel() * X.element_size()
+    return K * L * L * 8 <= MEMORY_SHARE * X.numel() * X.element_size()
 
 
 def exact(p: int, comm, whitening: Whitening | None, top: int = TOP_TOKENS) -> bool:

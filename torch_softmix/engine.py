@@ -143,15 +143,11 @@ def e_step(problem: FitProblem, state: State) -> kernels.EStepStats:
     return kernels.reduce_stats(stats, problem.comm)
 
 
-def _blocks_possible(problem: FitProblem) -> bool:
-    """Whether the M-step may build its block preconditioner (then it needs the design's whitening, computed
-    once; asked for only then, so that a fit without it runs no extra collectives)."""
-    return problem.m_step == "newton-cg" and curvature.MEMORY_SHARE > 0 and not problem.comm.distributed
-
-
 def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
     """Weights ``alpha = W / N`` exactly; atoms by damped Newton steps on each component's surrogate."""
     stats = point.stats
+    # the whitening (computed once, with collectives) is asked for only when the blocks are used
+    blocks = problem.m_step == "newton-cg" and curvature.usable(problem.X, stats.W.shape[0], problem.comm)
     atoms, info = newton_m_step(
         problem.X,
         point.state.atoms,
@@ -166,8 +162,9 @@ def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
         cg_rtol=problem.cg_rtol,
         chunk_size=problem.chunk_size,
         comm=problem.comm,
+        precondition=blocks,
         bias=problem.bias,
-        whitening=problem.design.whitening if _blocks_possible(problem) else None,
+        whitening=problem.design.whitening if blocks else None,
     )
     log_alpha = torch.log(stats.W) - math.log(problem.n_tokens)
     return State(log_alpha, atoms), {"step_sizes": info.step_sizes, "passes": info.passes, "cg_iters": info.cg_iters}

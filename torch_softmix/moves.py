@@ -93,7 +93,7 @@ def _merged_atom(problem: FitProblem, beta: Tensor, R: Tensor, W: Tensor) -> Ten
         state, _ = newton_m_step(
             problem.X, state, W.reshape(1), S1.reshape(1, -1), problem.ridge * float(W), dtype=problem.dtype,
             method=problem.m_step, cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol,
-            chunk_size=problem.chunk_size, comm=problem.comm, bias=problem.bias, whitening=problem.design.whitening,
+            chunk_size=problem.chunk_size, comm=problem.comm,
         )  # fmt: skip
     return state.beta[0]
 

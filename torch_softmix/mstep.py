@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .curvature import BLOCK_CG_ITER, BlockPreconditioner, affordable, exact
+from .curvature import BLOCK_CG_ITER, BlockPreconditioner, cholesky_with_jitter, exact
 from .objective import atom_gradient
 
 #: Armijo constant of the sufficient-increase test.
@@ -96,18 +96,10 @@ class AtomState:
 
 
 def newton_direction(g: Tensor, H: Tensor) -> Tensor:
-    """Solve ``(-H) d = g`` per component (float64); a singular ``-H`` (lam = 0) gets a small jitter."""
-    P = -H
-    scale = torch.diagonal(P, dim1=1, dim2=2).abs().amax(dim=1).clamp_min(torch.finfo(P.dtype).tiny)
-    jitter = torch.zeros_like(scale)
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(P + jitter[:, None, None] * eye)
-        if not bool((info > 0).any()):
-            return torch.cholesky_solve(g[:, :, None], chol)[:, :, 0]
-        bad = info > 0
-        jitter = torch.where(bad, torch.where(jitter > 0, jitter * 100, scale * 1e-10), jitter)
-    return g / scale[:, None]  # curvature unusable: a scaled gradient step still ascends
+    """Solve ``(-H) d = g`` per component (float64); a singular ``-H`` (lam = 0) gets a small jitter, an unusable
+    one a scaled gradient step (:func:`~torch_softmix.curvature.cholesky_with_jitter`)."""
+    chol = cholesky_with_jitter(-H)
+    return torch.cholesky_solve(g[:, :, None], chol)[:, :, 0]
 
 
 def cg_direction(
@@ -245,6 +237,7 @@ def newton_m_step(
     cg_rtol: float = 1e-3,
     chunk_size: int | None = None,
     comm=None,
+    precondition: bool = False,
     bias: Tensor | None = None,
     whitening=None,
 ) -> tuple[AtomState, MStepInfo]:
@@ -258,18 +251,19 @@ def newton_m_step(
         tol: skip a component once its predicted gain ``g . d / 2`` is below ``tol`` (units of ``f``).
         comm: a :class:`~torch_softmix.dist.Comm` when ``X`` and the cached logits are this rank's rows; every
             sum over the vocabulary is then all-reduced (sizes ``K x L`` or ``K``, never ``p``).
-        bias, whitening: the design's bias and whitening, for building the Newton-CG preconditioner
+        precondition: Newton-CG with the block preconditioner
             (:class:`~torch_softmix.curvature.BlockPreconditioner`, carried in the returned state and rebuilt
-            when stale; without ``whitening`` it is built by the exact ``p L^2 K`` pass).
+            when stale; the caller decides, :func:`~torch_softmix.curvature.usable`); ``bias`` and ``whitening``
+            (the design's) build it (without ``whitening`` by the exact ``p L^2 K`` pass).
 
     Components whose objective cannot be raised keep their atom (step size 0).
     """
     info = MStepInfo()
     W, S1 = W.to(torch.float64), S1.to(torch.float64)
-    beta, lg, A, precond = state.beta, state.logits, state.A, state.precond
+    beta, lg, A = state.beta, state.logits, state.A
+    blocks = precondition and method == "newton-cg"
+    precond = state.precond if blocks else None
     for _ in range(max_steps):
-        shared = comm is not None and comm.distributed  # blocks would put K L^2 numbers on the wire
-        blocks = method == "newton-cg" and not shared and affordable(X, beta.shape[0])
         if blocks and (precond is None or precond.stale or precond.beta.shape != beta.shape):
             precond = BlockPreconditioner.build(X, beta, W, lam, bias, whitening, dtype, chunk_size, comm)
             info.passes += 3 if exact(X.shape[0], comm, whitening) else 1
