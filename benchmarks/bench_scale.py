@@ -6,7 +6,8 @@ memory is that design's alone):
 * per design (p, L, K) in {(49152, 576, 8), (262144, 640, 16), (128256, 4096, 8)}, float32:
   passes over X per EM iteration, time per pass against one plain ``X @ beta^T`` of the same shape,
   the whole iteration against its E-step plus one gradient pass (the least an iteration can do), and
-  peak RSS against the bound 1.5 x (embedding + K L floats + one chunk) for Newton-CG;
+  peak RSS against the bound 1.5 x (embedding + K L floats + one chunk, + the K L x L float64 factors of the
+  M-step's block preconditioner when it is used: small designs, torch_softmix.curvature.usable) for Newton-CG;
 * iteration time as p, L and K double from (16384, 128, 4);
 * fit time (10 EM iterations) as N grows 10^4 -> 10^9 tokens on (49152, 576, 4): flat once counted.
 
@@ -36,7 +37,7 @@ def rss_mb() -> float:
 
 def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
     """One design: build it, count N tokens, time EM iterations and the plain products; peak RSS."""
-    from torch_softmix import EMFitter, kernels
+    from torch_softmix import Design, EMFitter, curvature, kernels
     from torch_softmix import simulate as sim
     from torch_softmix.mstep import AtomState
 
@@ -78,7 +79,8 @@ def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
     )
     peak = rss_mb() - base
     chunk_mb = kernels.CHUNK_ELEMENTS * 4 / 2**20
-    bound = 1.5 * (emb_mb + K * L * 8 / 2**20 + chunk_mb)
+    blocks_mb = K * L * L * 8 / 2**20 if curvature.usable(Design(X, validate=False), K) else 0.0
+    bound = 1.5 * (emb_mb + K * L * 8 / 2**20 + blocks_mb + chunk_mb)
     return {
         "p": p,
         "L": L,
@@ -96,6 +98,7 @@ def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
         "embedding_mb": emb_mb,
         "peak_rss_mb": peak,
         "bound_mb": bound,
+        "blocks": blocks_mb > 0,
         "n_distinct": int(c.numel()),
     }
 
@@ -122,14 +125,14 @@ def main() -> None:
     designs = DESIGNS[:1] if args.quick else DESIGNS
     print("\nper design (float32, N = 1e6, start = truth + 30% noise, m_step='auto', one EM iteration):")
     print(
-        f"{'p':>7}{'L':>6}{'K':>4} {'m_step':<10}{'passes':>7}{'s/pass':>9}{'pass/matmul':>12}"
+        f"{'p':>7}{'L':>6}{'K':>4} {'m_step':<17}{'passes':>7}{'s/pass':>9}{'pass/matmul':>12}"
         f"{'s/iter':>8}{'iter/least':>11}{'peak MB':>9}{'bound MB':>9}"
     )
     for p, L, K in designs:
         r = run_worker([str(p), str(L), str(K), str(10**6), "3"])
         results["designs"].append(r)
         print(
-            f"{p:>7}{L:>6}{K:>4} {r['m_step']:<10}{r['passes']:>7.0f}{r['t_per_pass']:>9.4f}"
+            f"{p:>7}{L:>6}{K:>4} {r['m_step'] + ('+blocks' if r['blocks'] else ''):<17}{r['passes']:>7.0f}{r['t_per_pass']:>9.4f}"
             f"{r['pass_vs_matmul']:>12.2f}{r['t_iter']:>8.2f}{r['iter_vs_least']:>11.1f}"
             f"{r['peak_rss_mb']:>9.0f}{r['bound_mb']:>9.0f}"
         )

@@ -99,11 +99,17 @@ def run_methods(X, bias, counts, start, K, max_iter):
     rec = Recorder()
     rec(torch.log(start["alpha"]), start["beta"])
     fitter = EMFitter(K, init=start, random_state=0)
-    fitter.fit(design, counts=counts, callback=lambda ev: rec(ev.log_alpha, ev.beta))
+    em = {"passes": 0.0, "maps": 0}  # passes and iterations up to the last EM iteration (before polish, moves)
+
+    def on_event(ev):
+        rec(ev.log_alpha, ev.beta)
+        if ev.phase == "em":
+            em.update(passes=kernels.PASSES[0], maps=ev.n_iter)
+
+    fitter.fit(design, counts=counts, callback=on_event)
     rec(fitter.head_.log_alpha, fitter.head_.beta)
-    qn_passes = (fitter.polish_ or {}).get("n_passes", 0)
     runs["default"] = (rec, {"n_iter": fitter.n_iter_, "polish": fitter.polish_, "stop": fitter.stop_reason_,
-                             "em_passes": kernels.PASSES[0] - qn_passes, "em_maps": fitter.n_iter_})
+                             "em_passes": em["passes"], "em_maps": em["maps"], "passes": kernels.PASSES[0]})
     rec = Recorder()
     rec(torch.log(start["alpha"]), start["beta"])
     plain_lbfgs(X, bias, counts, start["alpha"], start["beta"], max_iter, rec)

@@ -17,15 +17,18 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from torch_softmix import Design, EMFitter
+from torch_softmix import Design, EMFitter, curvature
 from torch_softmix import simulate as sim
 from torch_softmix.dist import Comm, RankFailure
 
 P, L, K = 1001, 6, 3  # 1001 rows: an uneven split over 2 and 3 ranks
 
 
-def problem():
-    X = sim.gaussian_design(P, L, seed=0, dtype=torch.float64)
+P_LARGE = 9001  # above 4 x curvature.TOP_TOKENS: the block preconditioner is built from each law's top tokens
+
+
+def problem(p: int = P):
+    X = sim.gaussian_design(p, L, seed=0, dtype=torch.float64)
     truth = sim.random_mixture(K, L, norm=2.0, separation=1.0, seed=1)
     counts = sim.sample_counts(sim.make_head(X, truth), 50_000, seed=2)
     return X, truth, counts
@@ -44,12 +47,13 @@ def _fit_result(fitter, head) -> dict:
 
 
 def fit_task(comm: Comm, args: dict, name: str) -> dict:
-    X, truth, counts = problem()
+    X, truth, counts = problem(P_LARGE if name == "large-vocab" else P)
     settings = {
         "given": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=40, tol=1e-13, polish_iter=15, n_moves=0),
         "default": dict(n_init=3, random_state=0, max_iter=60, n_moves=0),
         "kmeans": dict(init="kmeans", n_init=2, random_state=0, max_iter=30, n_moves=0),
         "random-newton": dict(init="random", n_init=2, random_state=1, max_iter=20, m_step="newton", n_moves=0),
+        "large-vocab": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=25, tol=0, polish_iter=0, n_moves=0),
     }[name]
     fitter = EMFitter(K, **settings)
     head = fitter.fit(Design(X, comm=comm), counts=counts)
@@ -57,7 +61,8 @@ def fit_task(comm: Comm, args: dict, name: str) -> dict:
 
 
 def count_task(comm: Comm, args: dict) -> dict:
-    """Collectives (calls and bytes by name) of each EM iteration, for two vocabulary sizes."""
+    """Collectives (calls and bytes by name) of each EM iteration, for two vocabulary sizes, and of one build of
+    the M-step's block preconditioner from the top tokens of a larger vocabulary."""
     out = {}
     for p in (1001, 4003):
         X = sim.gaussian_design(p, L, seed=0, dtype=torch.float64)
@@ -76,6 +81,13 @@ def count_task(comm: Comm, args: dict) -> dict:
         comm.reset_counts()
         fitter.fit(design, counts=counts, callback=snapshot)
         out[p] = per_iter[1:]  # the first delta also holds the start's E-step
+    X, truth, counts = problem(P_LARGE)
+    design = Design(X, comm=comm)
+    whitening = design.whitening
+    comm.reset_counts()
+    curvature.BlockPreconditioner.build(design.X, truth["beta"], truth["alpha"], 1.0, None, whitening,
+                                        torch.float64, None, comm)  # fmt: skip
+    out["build"] = {k: (comm.calls[k], comm.bytes[k]) for k in comm.calls}
     return out
 
 
@@ -126,6 +138,7 @@ TASKS = {
     "default": lambda c, a: fit_task(c, a, "default"),
     "kmeans": lambda c, a: fit_task(c, a, "kmeans"),
     "random-newton": lambda c, a: fit_task(c, a, "random-newton"),
+    "large-vocab": lambda c, a: fit_task(c, a, "large-vocab"),
     "count": count_task,
     "sample": sample_task,
     "kill": kill_task,

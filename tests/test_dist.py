@@ -11,7 +11,7 @@ from torch_softmix.dist import Comm, row_range
 
 from . import dist_worker as dw
 
-FIT_TASKS = ["given", "default", "kmeans", "random-newton"]
+FIT_TASKS = ["given", "default", "kmeans", "random-newton", "large-vocab"]
 
 
 def test_row_ranges_cover_the_vocabulary_unevenly():
@@ -56,10 +56,17 @@ def test_several_processes_fit_as_one_and_sample_the_same_counts(world_size, ref
             sizes = {name: b // max(c, 1) for name, (c, b) in it.items() if c}
             assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + K * L)
             assert it["softmax_mean"][0] == 1 and sizes["softmax_mean"] == 8 * K * L
-            assert it["cg_diag"][0] == 1 and sizes["cg_matvec"] == 8 * K * L
+            # the block preconditioner built at the first M-step replaces the diagonal one (no cg_diag)
+            assert "cg_diag" not in sizes and sizes["cg_matvec"] == 8 * K * L
             assert sizes["A:max"] == sizes["A:sum"] == 8 * K and it["A:max"][0] == it["A:sum"][0] >= 1
-            assert set(it) <= {"e_step", "softmax_mean", "cg_diag", "cg_matvec", "A:max", "A:sum"}
+            assert set(sizes) <= {"e_step", "softmax_mean", "cg_matvec", "A:max", "A:sum"}
     assert [sorted(i) for i in per_iter[1001]] == [sorted(i) for i in per_iter[4003]]
+    # its rebuild from the top tokens of a large vocabulary: parameter-sized collectives only
+    build = results[0]["count"]["build"]
+    top = build["curvature_top"]  # gathered top logits, K per token kept on each rank, padded
+    assert top[1] // top[0] == world_size * 2048 * K * 8
+    assert build["curvature_mean"][1] // build["curvature_mean"][0] == 8 * K * (L + 1)
+    assert build["curvature_cov"][1] // build["curvature_cov"][0] == 8 * K * L * L
     # data-parallel sampling: the same total counts however the work is split
     from torch_softmix import hf
 

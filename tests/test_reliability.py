@@ -279,10 +279,10 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize("m_step", ["newton", "newton-cg"])  # newton-cg: its preconditioner is rebuilt on resume
 def test_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, m_step):
-    from torch_softmix import curvature
+    from torch_softmix import Design, curvature
 
-    monkeypatch.setattr(curvature, "MEMORY_SHARE", 1 / 16)  # the block-preconditioned M-step (off by default)
     Xb = sim.gaussian_design(2000, 6, seed=3, dtype=torch.float64)
+    assert curvature.usable(Design(Xb), 3)  # newton-cg takes the block-preconditioned path here
     truth = sim.random_mixture(3, 6, norm=2.0, separation=1.0, seed=4)
     counts = sim.sample_counts(sim.make_head(Xb, truth), 50_000, seed=5)
     kw = dict(init="subspace", n_init=3, init_max_iter=3, random_state=0, max_iter=40, tol=0, m_step=m_step)

@@ -6,8 +6,8 @@ M-step's Newton systems are ``(W_k C_k + lam I) d = g``, and the L-BFGS phase us
 blocks as its initial inverse Hessian. On LM designs the laws are peaked: a few thousand tokens carry
 nearly all of each law's mass. :func:`covariances` therefore takes each law's ``top`` most probable tokens
 exactly and spreads the remaining mass like the rows of ``X`` (``Cov X`` from the design's whitening),
-``O(top L^2 K)`` instead of a ``p L^2 K`` pass; small vocabularies and vocabularies shared among ranks get the
-exact pass.
+``O(top L^2 K)`` instead of a ``p L^2 K`` pass; small vocabularies get the exact pass. Over several ranks
+the same tokens are selected and the same sums formed as in one process.
 
 :class:`BlockPreconditioner` holds the Cholesky factors of ``W_k C_k + lam I`` for the M-step's conjugate
 gradients. It is rebuilt every :data:`REBUILD_EVERY` M-steps, from fresh logits of the atoms it was built
@@ -32,56 +32,69 @@ REBUILD_EVERY = 10
 #: CG steps of the M-step with the block preconditioner (the diagonal one keeps ``cg_max_iter``).
 BLOCK_CG_ITER = 3
 #: The M-step's block preconditioner is used when its ``K L^2`` float64 factors take at most this share of
-#: the bytes of ``X``; otherwise the Newton-CG M-step keeps the diagonal preconditioner. **0 (off) by
-#: default**: a fit over several ranks never uses the blocks (:func:`usable`), and it must take the same path
-#: as one process (the distributed tests require their fits to match); set it (e.g. ``1 / 16``, which keeps
-#: benchmarks/bench_scale.py's memory bound) for single-process fits.
-MEMORY_SHARE = 0.0
+#: the bytes of the whole design ``X`` (all ranks' rows), or at most :data:`MEMORY_FLOOR` bytes; otherwise
+#: the Newton-CG M-step keeps the diagonal preconditioner. 0 (both) turns the blocks off.
+MEMORY_SHARE = 1 / 16
+#: Factors this small are always affordable (about 32 MB: ``K L^2 <= 4M``, e.g. ``K = 8`` at ``L = 720``).
+MEMORY_FLOOR = 32 * 2**20
 
 
-def usable(X: Tensor, K: int, comm=None) -> bool:
-    """Whether the M-step uses the block preconditioner: the ``K`` blocks of ``L x L`` float64 factors fit
-    :data:`MEMORY_SHARE` of ``X``'s memory and the vocabulary is not shared among ranks (the blocks would put
-    ``K L^2`` numbers on the wire, and the rule must not depend on a rank's rows)."""
-    if MEMORY_SHARE <= 0 or (comm is not None and comm.distributed):
-        return False
-    L = X.shape[1]
-    return K * L * L * 8 <= MEMORY_SHARE * X.numel() * X.element_size()
+def usable(design, K: int) -> bool:
+    """Whether the M-step uses the block preconditioner for ``K`` components on ``design``.
+
+    Decided from the whole design's size (``design.vocab_size``, the same on every rank), so that a fit
+    over several ranks takes the same path as one process. Each rank holds the ``K`` factors of ``L x L``.
+    """
+    L = design.hidden_size
+    budget = max(MEMORY_SHARE * design.vocab_size * L * design.X.element_size(), MEMORY_FLOOR)
+    return MEMORY_SHARE > 0 and K * L * L * 8 <= budget
 
 
-def exact(p: int, comm, whitening: Whitening | None, top: int = TOP_TOKENS) -> bool:
-    """Whether :func:`covariances` takes the exact ``p L^2 K`` pass (two passes over ``X``)."""
-    return (comm is not None and comm.distributed) or p <= 4 * top or whitening is None
+def exact(whitening: Whitening | None, top: int = TOP_TOKENS) -> bool:
+    """Whether :func:`covariances` takes the exact ``p L^2 K`` pass (two passes over ``X``): no ``whitening``
+    was given, or the whole vocabulary has at most ``4 top`` rows."""
+    return whitening is None or whitening.n_rows <= 4 * top
 
 
 def covariances(X, lg: Tensor, whitening: Whitening | None, dtype, chunk_size, comm, top: int = TOP_TOKENS) -> Tensor:
     """``C_k ~ Cov_{s_k}(X)`` ``(K, L, L)`` float64 for the component laws ``s_k = softmax(lg[:, k])``.
 
-    ``lg (p, K)``: logits of this rank's rows. The ``top`` most probable tokens of each law enter exactly;
-    the remaining mass ``tau_k`` is spread like the rows of ``X`` (``tau_k (Cov X + (mu - m_k)(mu - m_k)^T)``).
-    Exact (a ``p L^2 K`` pass) when the vocabulary is small (``p <= 4 top``), shared among ranks, or no
-    ``whitening`` is given.
+    ``lg (p, K)``: logits of this rank's rows. The tokens whose logit is at least the ``top``-th largest over
+    the whole vocabulary enter exactly; the remaining mass ``tau_k`` is spread like the rows of ``X``
+    (``tau_k (Cov X + (mu - m_k)(mu - m_k)^T)``, from the ``whitening``). Exact (a ``p L^2 K`` pass) when
+    :func:`exact` says so. Over several ranks: the ranks' own top logits are gathered (``K x top`` numbers
+    per rank) to find the threshold, then the selected tokens' mean and second moment are all-reduced
+    (``K L`` and ``K L^2`` numbers), so every rank gets the factors one process would.
     """
     A = kernels.log_normalizer_from_logits(lg, comm)
     K = lg.shape[1]
-    if exact(lg.shape[0], comm, whitening, top):
+    if exact(whitening, top):
         s = kernels.probs_from_logits(lg, A, dtype)
         m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "curvature_mean")
         return kernels.covariance(X, s, m, chunk_size, comm).to(torch.float64)
-    mu = whitening.mean.to(lg.device)
-    cov = whitening.W_inv.T.to(lg.device) @ whitening.W_inv.to(lg.device)
+    local = torch.topk(lg, min(top, lg.shape[0]), dim=0).values  # (t, K)
+    if comm is not None and comm.distributed:
+        local = torch.cat(comm.gather(local.to(torch.float64), "curvature_top"))
+    threshold = torch.topk(local, top, dim=0).values[-1]  # (K,) the top-th largest logit of each law
+    picked = [torch.nonzero(lg[:, k] >= threshold[k]).squeeze(1) for k in range(K)]
+    s = [torch.exp(lg[idx, k] - A[k]) for k, idx in enumerate(picked)]
     L = X.shape[1]
+    first = torch.zeros(K, L + 1, dtype=torch.float64, device=lg.device)  # selected mean (unnormalised), mass
+    for k in range(K):
+        first[k, :L] = s[k] @ X.index_select(0, picked[k]).to(torch.float64)
+        first[k, L] = s[k].sum()
+    first = kernels.allsum(first, comm, "curvature_mean")
+    mu = whitening.mean.to(lg.device)
+    tau = (1.0 - first[:, L]).clamp_min(0.0)
+    m = first[:, :L] + tau[:, None] * mu
     out = torch.empty(K, L, L, dtype=torch.float64, device=lg.device)
     for k in range(K):
-        val, idx = torch.topk(lg[:, k], top)
-        s = torch.exp(val - A[k])
-        Xk = X.index_select(0, idx).to(torch.float64)
-        tau = float((1.0 - s.sum()).clamp_min(0.0))
-        m = s @ Xk + tau * mu
-        D = Xk - m
-        e = mu - m
-        out[k] = (D * s[:, None]).T @ D + tau * (cov + torch.outer(e, e))
-    return out
+        D = X.index_select(0, picked[k]).to(torch.float64) - m[k]
+        out[k] = (D * s[k][:, None]).T @ D
+    out = kernels.allsum(out, comm, "curvature_cov")
+    cov = whitening.covariance.to(lg.device)
+    e = mu - m
+    return out + tau[:, None, None] * (cov + e[:, :, None] * e[:, None, :])
 
 
 def cholesky_with_jitter(H: Tensor) -> Tensor:

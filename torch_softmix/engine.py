@@ -147,7 +147,7 @@ def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
     """Weights ``alpha = W / N`` exactly; atoms by damped Newton steps on each component's surrogate."""
     stats = point.stats
     # the whitening (computed once, with collectives) is asked for only when the blocks are used
-    blocks = problem.m_step == "newton-cg" and curvature.usable(problem.X, stats.W.shape[0], problem.comm)
+    blocks = problem.m_step == "newton-cg" and curvature.usable(problem.design, stats.W.shape[0])
     atoms, info = newton_m_step(
         problem.X,
         point.state.atoms,
@@ -262,7 +262,10 @@ def _slow(history: list[dict], switch_rate: float) -> bool:
 
 
 def _is_rounding(prev: Point, point: Point) -> bool:
-    return prev.objective - point.objective <= 1e3 * torch.finfo(torch.float64).eps * max(1.0, abs(prev.objective))
+    """Whether a loss is within float64 rounding of the objective: each token's ``log pi = logit - A`` loses
+    digits relative to the logits' size, so the scale is the larger of the objective and the log-normalisers."""
+    scale = max(1.0, abs(prev.objective), float(prev.state.atoms.A.abs().max()))
+    return prev.objective - point.objective <= 1e3 * torch.finfo(torch.float64).eps * scale
 
 
 def run(

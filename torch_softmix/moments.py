@@ -40,6 +40,12 @@ class Whitening:
     W: Tensor
     W_inv: Tensor
     eigenvalues: Tensor
+    n_rows: int = 0  #: rows of the whole design (all ranks): ``p``
+
+    @property
+    def covariance(self) -> Tensor:
+        """``Cov X (L, L)`` over the non-null directions: ``W_inv^T W_inv``."""
+        return self.W_inv.T @ self.W_inv
 
     @property
     def rank(self) -> int:
@@ -69,7 +75,7 @@ class Whitening:
         evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
         keep = evals > RANK_RTOL * float(evals.max().clamp_min(1e-300))
         evals, evecs = evals[keep], canonical_signs(evecs[:, keep])
-        return cls(mean_c + shift, evecs / evals.sqrt(), (evecs * evals.sqrt()).T, evals)
+        return cls(mean_c + shift, evecs / evals.sqrt(), (evecs * evals.sqrt()).T, evals, int(p))
 
     def to_gamma(self, beta: Tensor) -> Tensor:
         """``(K, L)`` atoms -> ``(K, r)`` whitened atoms."""

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import kernels
-from .curvature import BLOCK_CG_ITER, BlockPreconditioner, cholesky_with_jitter, exact
+from . import curvature, kernels
+from .curvature import BlockPreconditioner, cholesky_with_jitter, exact
 from .objective import atom_gradient
 
 #: Armijo constant of the sufficient-increase test.
@@ -141,6 +141,8 @@ def cg_direction(
     x = torch.zeros_like(g)
     r = g.clone()
     z = solve(r)
+    if max_iter == 0:  # the preconditioned gradient itself (with the blocks: Newton's step for stale curvature)
+        return z, 0
     pdir = z.clone()
     rz = (r * z).sum(1)
     target = rtol * g.norm(dim=1)
@@ -266,12 +268,12 @@ def newton_m_step(
     for _ in range(max_steps):
         if blocks and (precond is None or precond.stale or precond.beta.shape != beta.shape):
             precond = BlockPreconditioner.build(X, beta, W, lam, bias, whitening, dtype, chunk_size, comm)
-            info.passes += 3 if exact(X.shape[0], comm, whitening) else 1
+            info.passes += 3 if exact(whitening) else 1
         s = kernels.probs_from_logits(lg, A, dtype)
         m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
         info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
-        n_cg = cg_max_iter if precond is None else min(cg_max_iter, BLOCK_CG_ITER)
+        n_cg = cg_max_iter if precond is None else min(cg_max_iter, curvature.BLOCK_CG_ITER)
         d = _direction(X, s, m, g, W, lam, method, n_cg, cg_rtol, chunk_size, info, comm, precond)
         if precond is not None:
             precond = precond.aged()
