@@ -93,35 +93,33 @@ def covariances(X, lg: Tensor, whitening: Whitening | None, dtype, chunk_size, c
         out[k] = (D * s[k][:, None]).T @ D
     out = kernels.allsum(out, comm, "curvature_cov")
     cov = whitening.covariance.to(lg.device)
-    e = mu - m
-    return out + tau[:, None, None] * (cov + e[:, :, None] * e[:, None, :])
+    for k in range(K):  # in place, block by block: no second (K, L, L) tensor
+        e = mu - m[k]
+        out[k].add_(cov + torch.outer(e, e), alpha=float(tau[k]))
+    return out
 
 
 def cholesky_with_jitter(H: Tensor) -> Tensor:
-    """Cholesky factors of the ``(K, L, L)`` symmetric blocks ``H``.
+    """Cholesky factors of the ``(K, L, L)`` symmetric blocks ``H``, written over ``H`` (returned).
 
-    A block that is not numerically positive definite (a component on one token, a tiny weight without
-    ridge, rounding) gets the smallest of growing jitters ``j s_k I`` that makes it so (``s_k`` its mean
-    diagonal, or the largest over the blocks when that is not positive), or ``sqrt(s_k) I`` if none does.
+    Block by block, so that no second ``(K, L, L)`` tensor is needed. A block that is not numerically
+    positive definite (a component on one token, a tiny weight without ridge, rounding) gets the smallest of
+    growing jitters ``j s_k I`` that makes it so (``s_k`` its mean diagonal, or the largest over the blocks
+    when that is not positive), or ``sqrt(s_k) I`` if none does.
     """
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     diag = H.diagonal(dim1=1, dim2=2).mean(1)
     diag = torch.where(torch.isfinite(diag), diag, torch.zeros_like(diag))
     top = float(diag.max()) if diag.numel() else 1.0
     scale = torch.where(diag > 0, diag, torch.full_like(diag, top if top > 0 else 1.0))
-    chol, info = torch.linalg.cholesky_ex(H)
-    for jitter in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        bad = info != 0
-        if not bool(bad.any()):
-            return chol
-        fixed, info_fixed = torch.linalg.cholesky_ex(H[bad] + jitter * scale[bad, None, None] * eye)
-        chol[bad] = fixed
-        info = info.clone()
-        info[bad] = info_fixed
-    bad = info != 0
-    if bool(bad.any()):
-        chol[bad] = scale[bad, None, None].sqrt() * eye
-    return chol
+    for k in range(H.shape[0]):
+        chol, info = torch.linalg.cholesky_ex(H[k])
+        for jitter in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+            if int(info) == 0:
+                break
+            chol, info = torch.linalg.cholesky_ex(H[k] + jitter * scale[k] * eye)
+        H[k] = chol if int(info) == 0 else scale[k].sqrt() * eye
+    return H
 
 
 @dataclass
