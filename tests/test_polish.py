@@ -164,6 +164,19 @@ def test_covariance_from_the_top_tokens_matches_the_exact_one(peaked):
     assert float(err.max()) < 0.05
 
 
+def test_covariance_of_a_flat_law_takes_every_tied_token(peaked):
+    """All logits equal (zero atoms): every token ties at the threshold and enters exactly, in slices."""
+    from torch_softmix.curvature import covariances
+
+    X, _, _ = peaked
+    wh = Whitening.from_design(X)
+    lg = torch.zeros(X.shape[0], 2, dtype=torch.float64)
+    got = covariances(X, lg, wh, torch.float64, None, None, top=50)  # far below p: the top-token path
+    Xc = X.double() - X.double().mean(0)
+    flat = Xc.T @ Xc / X.shape[0]
+    torch.testing.assert_close(got, flat.expand(2, -1, -1), rtol=1e-9, atol=1e-12)
+
+
 def test_preconditioner_factors_singular_blocks_and_keeps_good_ones():
     from torch_softmix.curvature import cholesky_with_jitter
 

@@ -80,17 +80,19 @@ def covariances(X, lg: Tensor, whitening: Whitening | None, dtype, chunk_size, c
     s = [torch.exp(lg[idx, k] - A[k]) for k, idx in enumerate(picked)]
     L = X.shape[1]
     first = torch.zeros(K, L + 1, dtype=torch.float64, device=lg.device)  # selected mean (unnormalised), mass
-    for k in range(K):
-        first[k, :L] = s[k] @ X.index_select(0, picked[k]).to(torch.float64)
+    for k in range(K):  # in slices of ``top`` rows: ties at the threshold (a flat law) may pick many more
+        for idx, sk in zip(picked[k].split(top), s[k].split(top)):
+            first[k, :L] += sk @ X.index_select(0, idx).to(torch.float64)
         first[k, L] = s[k].sum()
     first = kernels.allsum(first, comm, "curvature_mean")
     mu = whitening.mean.to(lg.device)
     tau = (1.0 - first[:, L]).clamp_min(0.0)
     m = first[:, :L] + tau[:, None] * mu
-    out = torch.empty(K, L, L, dtype=torch.float64, device=lg.device)
+    out = torch.zeros(K, L, L, dtype=torch.float64, device=lg.device)
     for k in range(K):
-        D = X.index_select(0, picked[k]).to(torch.float64) - m[k]
-        out[k] = (D * s[k][:, None]).T @ D
+        for idx, sk in zip(picked[k].split(top), s[k].split(top)):
+            D = X.index_select(0, idx).to(torch.float64) - m[k]
+            out[k].addmm_((D * sk[:, None]).T, D)
     out = kernels.allsum(out, comm, "curvature_cov")
     cov = whitening.covariance.to(lg.device)
     for k in range(K):  # in place, block by block: no second (K, L, L) tensor
