@@ -27,7 +27,7 @@ from . import simulate as sim
 from .data import TokenCounts
 from .demo import print_demo, run_demo
 from .design import Design
-from .dist import Comm
+from .dist import Comm, shutdown
 from .em import EMFitter
 from .head import SoftmaxMixtureHead
 from .io import atomic_write_bytes
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # validation errors from the library name the argument and the fix
         print(f"softmix {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()  # a process group started for this command ends with it (clean exit under torchrun)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class Comm:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             seconds = timeout if timeout is not None else float(os.environ.get("SOFTMIX_DIST_TIMEOUT", DEFAULT_TIMEOUT))
             tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
+            _OWNED[0] = True
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if tdist.get_world_size() == 1:
@@ -175,6 +176,18 @@ class Comm:
             f"(process group timeout or lost connection): {err}. Resume from the last checkpoint, with the same "
             "or another number of ranks."
         )
+
+
+_OWNED = [False]  # whether Comm.from_env initialised the default process group (then shutdown() ends it)
+
+
+def shutdown() -> None:
+    """End the default process group if :meth:`Comm.from_env` started it. Called before a process that
+    ran under ``torchrun`` exits, so that the backend's threads stop before the interpreter does (gloo may
+    otherwise abort the exiting process: "terminate called without an active exception")."""
+    if _OWNED[0] and tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+    _OWNED[0] = False
 
 
 def _store():
