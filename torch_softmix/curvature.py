@@ -124,6 +124,13 @@ def cholesky_with_jitter(H: Tensor) -> Tensor:
     return H
 
 
+def factor_blocks(C: Tensor, weights: Tensor, ridge: float) -> Tensor:
+    """Cholesky factors of ``weights_k C_k + ridge I`` (``ridge`` at least 1e-12), formed and factored in
+    place over the ``(K, L, L)`` covariances ``C`` (returned)."""
+    C.mul_(weights.to(C)[:, None, None]).diagonal(dim1=1, dim2=2).add_(max(ridge, 1e-12))
+    return cholesky_with_jitter(C)
+
+
 @dataclass
 class BlockPreconditioner:
     """Factors of ``W_k C_k(beta_k) + lam I`` built at atoms ``beta (K, L)`` and weights ``W (K,)`` (float64);
@@ -140,9 +147,7 @@ class BlockPreconditioner:
         beta = beta.to(torch.float64)
         W = W.to(torch.float64)
         lg = kernels.logits(X, beta, bias, dtype=dtype, chunk_size=chunk_size)
-        C = covariances(X, lg, whitening, dtype, chunk_size, comm)
-        C.mul_(W.to(C.device)[:, None, None]).diagonal(dim1=1, dim2=2).add_(max(lam, 1e-12))
-        return cls(beta, W, cholesky_with_jitter(C), age)
+        return cls(beta, W, factor_blocks(covariances(X, lg, whitening, dtype, chunk_size, comm), W, lam), age)
 
     def solve(self, V: Tensor) -> Tensor:
         """``(W_k C_k + lam I)^{-1} v_k`` for the rows of ``V (K, L)``."""

@@ -306,14 +306,15 @@ def run(
         history.append({**entry, "time": time.perf_counter() - t0})
         if gain < 0:  # EM cannot decrease F: rounding, or a bug if large. Keep the better iterate.
             history[-1]["decrease"] = -gain
-            if not _is_rounding(prev, point):
+            rounding = _is_rounding(prev, point)
+            if not rounding:
                 warnings.warn(
                     f"EM objective decreased from {prev.objective:.12g} to {point.objective:.12g} per token at "
                     f"iteration {n_iter}; stopping at the previous iterate. Please report this with the data.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            point, stop = prev, ("tol" if _is_rounding(prev, point) else "decrease")
+            point, stop = prev, ("tol" if rounding else "decrease")
             break
         if callback is not None:
             callback(point, history, n_iter)

@@ -165,11 +165,9 @@ def _block_precond(X, lg: Tensor, u: Tensor, ridge: float, whitening: Whitening,
     """``v -> H0 v`` with ``H0`` the inverse of the complete-data information per token: block ``k`` of the atoms
     ``(alpha_k C_k + ridge I)^{-1}`` (``C_k`` the covariance of ``X`` under component ``k``'s law), ``1 / alpha_k``
     for the weights' logits."""
-    C = curvature.covariances(X, lg, whitening, dtype, chunk_size, comm)
     alpha = torch.softmax(u, 0).clamp_min(MIN_SCALE_WEIGHT)
-    K, L = C.shape[:2]
-    eye = torch.eye(L, dtype=torch.float64, device=C.device)
-    chol = curvature.cholesky_with_jitter(alpha[:, None, None] * C + max(ridge, 1e-12) * eye)
+    chol = curvature.factor_blocks(curvature.covariances(X, lg, whitening, dtype, chunk_size, comm), alpha, ridge)
+    K, L = chol.shape[:2]
 
     def apply(v: Tensor) -> Tensor:
         vb = torch.cholesky_solve(v[: K * L].view(K, L, 1), chol).flatten()
