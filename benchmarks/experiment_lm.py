@@ -117,6 +117,7 @@ def run_case(X, B, K: int, N: int, seed: int) -> dict:
         "best_init": default.init_names_[default.best_init_],
         "polish_iter_default": (default.polish_ or {}).get("n_iter", 0),
         "polish_iter_oracle": (oracle.polish_ or {}).get("n_iter", 0),
+        "moves_default": default.moves_, "moves_oracle": oracle.moves_,
         "meets": bool(ratio <= KL_RATIO and a_d["weight_error"] <= WEIGHT_ERROR and gap <= GAP),
     }  # fmt: skip
 

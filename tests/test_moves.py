@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from torch_softmix import EMFitter
+from torch_softmix import EMFitter, search
 from torch_softmix import simulate as sim
 from torch_softmix.moves import apply_move, candidate_moves
 
@@ -50,6 +50,10 @@ def test_moves_reach_the_oracle_and_keep_the_fit_monotone(stuck):
     obj = [h["objective"] for h in f.history_]  # accepted iterates only: one entry per kept move
     assert all(b >= a - 1e-12 for a, b in zip(obj, obj[1:]))
     assert sum(h.get("phase") == "move" for h in f.history_) == f.moves_["kept"]
+    # every trial is screened; only the best few of a round are run to convergence, one at least per kept move
+    m = f.moves_
+    assert m["tried"] == m["rounds"] * 2 * f.n_moves
+    assert m["kept"] <= m["continued"] <= m["rounds"] * search.MOVE_FINALISTS < m["tried"]
 
 
 def test_candidate_moves_are_ranked_and_give_valid_starts(stuck):

@@ -98,8 +98,9 @@ class EMFitter:
             previous step's) exceeds this: EM is fast while it makes big moves, L-BFGS where EM creeps.
             ``None``: EM runs to its own convergence first.
         n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
-            ``n_moves`` best-ranked (merge, split) pairs, each split two ways and continued by EM and L-BFGS,
-            and keep the best if it raises the objective; ``0``: none. Skipped (with a warning) when the
+            ``n_moves`` best-ranked (merge, split) pairs, each split two ways and screened by a few EM
+            iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
+            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. Skipped (with a warning) when the
             vocabulary is shared among ranks.
         checkpoint: a file the run is saved to every ``checkpoint_every`` EM iterations (atomically). If it
             exists when ``fit`` starts, the fit resumes from it (after checking that design, bias, counts and

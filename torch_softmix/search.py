@@ -139,6 +139,10 @@ def _switch(sched: Schedule) -> float | None:
 MIN_MOVE_ROUNDS = 4
 #: A move is kept when it raises the per-token objective by more than this (and by more than ``tol``).
 MOVE_GAIN = 1e-8
+#: EM iterations each move's trial runs before the trials are compared (screening).
+MOVE_SCREEN_ITERS = 10
+#: Screened trials continued to convergence, best first, until one raises the objective.
+MOVE_FINALISTS = 2
 
 
 def refine(
@@ -146,26 +150,33 @@ def refine(
 ) -> tuple[RunResult, dict]:
     """Split-and-merge moves from a converged fit (:mod:`torch_softmix.moves`).
 
-    Each round tries the ``sched.n_moves`` best-ranked moves (each with both splits, k-means and peak), each
-    continued to convergence (EM, then L-BFGS); the best of them is kept when it raises the objective by more
-    than :data:`MOVE_GAIN` per token and a new round begins (at most ``max(2 K, 4)`` rounds); otherwise the
-    search ends. Monotone: only improvements are kept.
+    Each round tries the ``sched.n_moves`` best-ranked moves, each split two ways (k-means and peak). Every
+    trial runs :data:`MOVE_SCREEN_ITERS` EM iterations (screening, as the starts are screened); then the
+    :data:`MOVE_FINALISTS` best are continued to convergence (EM, then L-BFGS), best first, and the first that
+    raises the objective by more than :data:`MOVE_GAIN` per token is kept and a new round begins (at most
+    ``max(2 K, 4)`` rounds); otherwise the search ends. Monotone: only improvements are kept.
     """
-    info = {"rounds": 0, "tried": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
+    info = {"rounds": 0, "tried": 0, "continued": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
         info["rounds"] += 1
-        best = None
+        trials = []
         for move in candidate_moves(problem, result.point, sched.n_moves):
             alpha, beta = apply_move(problem, result.point, move, gen)
-            trial = run(problem, problem.evaluate(problem.state(alpha, beta)), sched.max_iter,
-                        accelerate=sched.accelerate, switch_rate=_switch(sched))  # fmt: skip
-            if sched.polish_iter > 0:
-                trial, _ = polish_phase(problem, trial, sched, bars, None, start)
+            trials.append(run(problem, problem.evaluate(problem.state(alpha, beta)), MOVE_SCREEN_ITERS,
+                              accelerate=sched.accelerate))  # fmt: skip
             info["tried"] += 1
-            if best is None or trial.point.objective > best.point.objective:
-                best = trial
+        trials.sort(key=lambda r: -r.point.objective)
+        best = None
+        for lead in trials[:MOVE_FINALISTS]:  # best screened first, continued until one gains
+            best = run(problem, lead.point, lead.n_iter + sched.max_iter, accelerate=sched.accelerate,
+                       history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
+            info["continued"] += 1
+            if sched.polish_iter > 0:
+                best, _ = polish_phase(problem, best, sched, bars, None, start)
+            if best.point.objective - result.point.objective > max(MOVE_GAIN, problem.tol):
+                break
         if best is None or best.point.objective - result.point.objective <= max(MOVE_GAIN, problem.tol):
             break
         info["kept"] += 1
