@@ -152,25 +152,27 @@ def refine(
 
     Each round tries the ``sched.n_moves`` best-ranked moves, each split two ways (k-means and peak). Every
     trial runs :data:`MOVE_SCREEN_ITERS` EM iterations (screening, as the starts are screened); then the
-    :data:`MOVE_FINALISTS` best are continued to convergence (EM, then L-BFGS), best first, and the first that
-    raises the objective by more than :data:`MOVE_GAIN` per token is kept and a new round begins (at most
-    ``max(2 K, 4)`` rounds); otherwise the search ends. Monotone: only improvements are kept.
+    :data:`MOVE_FINALISTS` best are continued (EM to convergence or ``max_iter`` in all, then L-BFGS), best
+    first, and the first that raises the objective by more than :data:`MOVE_GAIN` per token is kept and a new
+    round begins (at most ``max(2 K, 4)`` rounds); otherwise the search ends. Monotone: only improvements are
+    kept. A trial never runs more EM iterations than ``max_iter``.
     """
     info = {"rounds": 0, "tried": 0, "continued": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
+    screen = min(MOVE_SCREEN_ITERS, sched.max_iter)  # a trial never runs more EM iterations than the fit may
     for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
         info["rounds"] += 1
         trials = []
         for move in candidate_moves(problem, result.point, sched.n_moves):
             alpha, beta = apply_move(problem, result.point, move, gen)
-            trials.append(run(problem, problem.evaluate(problem.state(alpha, beta)), MOVE_SCREEN_ITERS,
+            trials.append(run(problem, problem.evaluate(problem.state(alpha, beta)), screen,
                               accelerate=sched.accelerate))  # fmt: skip
             info["tried"] += 1
         trials.sort(key=lambda r: -r.point.objective)
         best = None
         for lead in trials[:MOVE_FINALISTS]:  # best screened first, continued until one gains
-            best = run(problem, lead.point, lead.n_iter + sched.max_iter, accelerate=sched.accelerate,
+            best = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
                        history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
             info["continued"] += 1
             if sched.polish_iter > 0:
