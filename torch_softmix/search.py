@@ -145,6 +145,11 @@ MOVE_SCREEN_ITERS = 10
 MOVE_FINALISTS = 2
 
 
+def _gains(problem: FitProblem, trial: RunResult, current: RunResult) -> bool:
+    """Whether ``trial`` raises the objective enough over ``current`` for a move to be kept."""
+    return trial.point.objective - current.point.objective > max(MOVE_GAIN, problem.tol)
+
+
 def refine(
     problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars, user, gen, start: str = ""
 ) -> tuple[RunResult, dict]:
@@ -177,9 +182,9 @@ def refine(
             info["continued"] += 1
             if sched.polish_iter > 0:
                 best, _ = polish_phase(problem, best, sched, bars, None, start)
-            if best.point.objective - result.point.objective > max(MOVE_GAIN, problem.tol):
+            if _gains(problem, best, result):
                 break
-        if best is None or best.point.objective - result.point.objective <= max(MOVE_GAIN, problem.tol):
+        if best is None or not _gains(problem, best, result):
             break
         info["kept"] += 1
         info["gain"] += best.point.objective - result.point.objective
