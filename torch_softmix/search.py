@@ -174,9 +174,10 @@ def refine(
             trials.append(run(problem, problem.evaluate(problem.state(alpha, beta)), screen,
                               accelerate=sched.accelerate))  # fmt: skip
             info["tried"] += 1
-        trials.sort(key=lambda r: -r.point.objective)
+            trials.sort(key=lambda r: -r.point.objective)
+            del trials[MOVE_FINALISTS:]  # hold only the finalists' states (each has (p, K) logits)
         best = None
-        for lead in trials[:MOVE_FINALISTS]:  # best screened first, continued until one gains
+        for lead in trials:  # best screened first, continued until one gains
             best = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
                        history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
             info["continued"] += 1
