@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from torch_softmix import EMFitter, search
+from torch_softmix import EMFitter, TokenCounts, search
 from torch_softmix import simulate as sim
-from torch_softmix.moves import apply_move, candidate_moves
+from torch_softmix.moves import _merged_atom, apply_move, candidate_moves, shares, transfer_starts
+from torch_softmix.starts import weighted_kmeans
 
 L = 16
 
@@ -77,3 +78,66 @@ def test_bad_n_moves_is_refused(stuck, bad):
     X, truth, counts, _, _ = stuck
     with pytest.raises(ValueError, match="n_moves must be an int >= 0"):
         EMFitter(3, n_moves=bad).fit(X, counts=counts)
+
+
+# ---------------------------------------------------------------------- transfers
+@pytest.fixture(scope="module")
+def misowned():
+    """A fit whose start hands a k-means half of component 0's frequent tokens to component 1 (the truth's
+    hard partition otherwise, each group moment-matched): EM alone stays below the truth's optimum."""
+    X = sim.gaussian_design(3000, L, seed=7, dtype=torch.float64)
+    truth = sim.random_mixture(3, L, norm=6.0, separation=3.0, min_weight=0.2, seed=7)
+    counts = sim.sample_counts(sim.make_head(X, truth, dtype=torch.float64), 100_000, seed=7)
+    oracle = EMFitter(3, init=truth, n_moves=0).fit(X, counts=counts).fit_info["objective_per_token"]
+    problem, _ = EMFitter(3, init=truth)._problem(X, None, None, TokenCounts.from_dense(counts))
+    R, _ = shares(problem, problem.evaluate(problem.state(truth["alpha"], truth["beta"])))
+    hard = torch.zeros_like(R)
+    hard[torch.arange(R.shape[0]), R.argmax(1)] = problem.counts.values
+    top = torch.argsort(hard[:, 0], descending=True)[:100]
+    labels, _ = weighted_kmeans(X[problem.counts.support[top]], hard[top, 0], 2, torch.Generator().manual_seed(0))
+    part = top[labels == 0]
+    hard[part, 1] += hard[part, 0]
+    hard[part, 0] = 0
+    W = hard.sum(0)
+    beta = torch.stack([_merged_atom(problem, torch.zeros(L, dtype=torch.float64), hard[:, k], W[k]) for k in range(3)])
+    return X, counts, {"alpha": W / W.sum(), "beta": beta}, oracle
+
+
+def test_transfers_alone_lift_a_fit_with_misowned_tokens_to_the_truths_optimum(misowned):
+    X, counts, bad, oracle = misowned
+    stuck = EMFitter(3, init=bad, n_moves=0).fit(X, counts=counts).fit_info["objective_per_token"]
+    assert stuck < oracle - 3e-5
+    events = []
+    f = EMFitter(3, init=bad, random_state=0, n_moves=0, n_transfers=3)
+    f.fit(X, counts=counts, callback=events.append)
+    assert f.objective_ >= oracle - 1e-8  # the truth's optimum (or a better one) is reached
+    m = f.moves_
+    assert m["kept"] >= 1 and m["transfers"] == m["tried"] and m["continued"] <= m["rounds"] * search.MOVE_FINALISTS
+    moved = [e.objective for e in events if e.phase == "move"]
+    assert moved[0] > stuck and all(b > a for a, b in zip(moved, moved[1:]))
+
+
+def test_transfer_starts_move_one_part_between_two_components_best_first(misowned):
+    X, counts, bad, _ = misowned
+    f = EMFitter(3, init=bad, n_moves=0)
+    f.fit(X, counts=counts)
+    problem, _ = f._problem(X, None, None, TokenCounts.from_dense(counts))
+    point = problem.evaluate(problem.state(f.head_.alpha.detach().double(), f.head_.beta.detach().double()))
+    starts = transfer_starts(problem, point, 4, torch.Generator().manual_seed(0))
+    assert 1 <= len(starts) <= 4
+    objectives = []
+    for alpha, beta in starts:
+        assert alpha.shape == (3,) and beta.shape == (3, L) and torch.isfinite(beta).all()
+        assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-12) and bool((alpha > 0).all())
+        changed = (beta - point.state.beta).norm(dim=1) > 0
+        assert int(changed.sum()) == 2  # the source and the receiver; the third atom is untouched
+        objectives.append(problem.evaluate(problem.state(alpha, beta)).objective)
+    assert all(b <= a + 1e-10 for a, b in zip(objectives, objectives[1:]))  # ranked by the exact objective
+    assert transfer_starts(problem, point, 0, torch.Generator()) == []
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, "3"])
+def test_bad_n_transfers_is_refused(stuck, bad):
+    X, truth, counts, _, _ = stuck
+    with pytest.raises(ValueError, match="n_transfers must be an int >= 0"):
+        EMFitter(3, n_transfers=bad).fit(X, counts=counts)

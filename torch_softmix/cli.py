@@ -158,6 +158,7 @@ def cmd_fit(args) -> int:
         max_iter=args.max_iter,
         polish_iter=args.polish_iter,
         n_moves=args.n_moves,
+        n_transfers=args.n_transfers,
         tol=args.tol,
         ridge=args.ridge,
         random_state=args.seed,
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-iter", type=int, default=lm["max_iter"], help="EM iterations after screening")
     sp.add_argument("--polish-iter", type=int, default=lm["polish_iter"], help="L-BFGS iterations after EM")
     sp.add_argument("--n-moves", type=int, default=lm["n_moves"], help="split-and-merge moves tried per round (0: none)")
+    sp.add_argument("--n-transfers", type=int, default=lm["n_transfers"],
+                    help="transfers (part of one component's data to another) tried per round (0: none; slower, "
+                         "finds the right components more often on LM mixtures)")
     sp.add_argument("--tol", type=float, default=lm["tol"])
     sp.add_argument("--ridge", type=float, default=1e-6)
     sp.add_argument("--seed", type=int, default=0)

@@ -102,6 +102,11 @@ class EMFitter:
             iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
             is kept (:func:`~torch_softmix.search.refine`); ``0``: none. Skipped (with a warning) when the
             vocabulary is shared among ranks.
+        n_transfers: after the moves, rounds of the ``n_transfers`` best-scored *transfers*: part of one
+            component's data (a k-means half of its frequent tokens) handed to another component
+            (:func:`~torch_softmix.moves.transfer_starts`), screened, continued and kept like the moves (so the
+            fit ends at least as high as without them). ``0`` (default): none. Costly: see the README's
+            "Limitations" for what they bought on SmolLM2 and at what price.
         checkpoint: a file the run is saved to every ``checkpoint_every`` EM iterations (atomically). If it
             exists when ``fit`` starts, the fit resumes from it (after checking that design, bias, counts and
             settings agree) without recomputing the starts, and ends as an uninterrupted fit would
@@ -136,6 +141,7 @@ class EMFitter:
         "polish_iter": Int(0),
         "switch_rate": Check(_check_rate),
         "n_moves": Int(0),
+        "n_transfers": Int(0),
         "checkpoint_every": Int(1),
         "random_state": Check(check_random_state),
         "device": Check(check_device),
@@ -161,6 +167,7 @@ class EMFitter:
         polish_iter: int = 1000,
         switch_rate: float | None = 0.5,
         n_moves: int = 2,
+        n_transfers: int = 0,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10,
         random_state: int | torch.Generator | None = None,
@@ -173,7 +180,7 @@ class EMFitter:
         self.mom_method, self.max_iter, self.tol, self.ridge = mom_method, max_iter, tol, ridge
         self.m_step, self.m_step_iter, self.cg_max_iter, self.cg_rtol = m_step, m_step_iter, cg_max_iter, cg_rtol
         self.accelerate, self.polish_iter, self.switch_rate = accelerate, polish_iter, switch_rate
-        self.n_moves = n_moves
+        self.n_moves, self.n_transfers = n_moves, n_transfers
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every, self.random_state = checkpoint_every, random_state
         self.device, self.dtype, self.progress, self.chunk_size = device, dtype, progress, chunk_size
@@ -262,7 +269,7 @@ class EMFitter:
             saved = resume(self.checkpoint, key, problem)  # before any start is computed
             ckpt = Checkpointer(self.checkpoint, key, self.checkpoint_every, comm=problem.comm)
         sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter, self.switch_rate,
-                         self.n_moves)
+                         self.n_moves, self.n_transfers)
         with Bars(self.progress and problem.comm.rank == 0, f"K={self.n_components}") as bars:
             if saved is not None:
                 result, record = resume_run(problem, saved, sched, bars, ckpt, callback)
@@ -273,10 +280,11 @@ class EMFitter:
             best = record["init_names"][record["best_init"]]
             if self.polish_iter > 0:
                 result, polish_info = polish_phase(problem, result, sched, bars, callback, best)
-            if self.n_moves > 0 and self.n_components > 1:
+            if self.n_moves + self.n_transfers > 0 and self.n_components > 1:
                 if problem.comm.distributed:  # not yet made rank-consistent: see README "Limitations"
                     warnings.warn("split-and-merge moves are skipped when the vocabulary is shared among ranks; "
-                                  "pass n_moves=0 to silence this", RuntimeWarning, stacklevel=3)  # fmt: skip
+                                  "pass n_moves=0 (and n_transfers=0) to silence this", RuntimeWarning,
+                                  stacklevel=3)  # fmt: skip
                 else:
                     result, moves_info = refine(problem, result, sched, bars, callback, self._moves_generator(), best)
         return self._finish(problem, result, record, polish_info, moves_info)

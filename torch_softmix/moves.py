@@ -17,6 +17,13 @@ Everything is computed from one E-step at the current point, on the support of t
 A move ``(merge=(i, j), split=k)`` gives ``i`` and ``j``'s data one atom (their moment match) and ``k``'s data
 two (k-means of its frequent tokens, then a few EM iterations on that data alone); ``k`` may be ``i`` itself
 (the pair's data re-split afresh), which is the only kind of move when ``K = 2``.
+
+A *transfer* keeps every component but hands a part of one component's data to another: the other typical
+wrong basin on LM mixtures has a group of one law's tokens (similar embeddings, a few percent of the data)
+owned by the wrong component, and EM does not move them back one token at a time. Each component's frequent
+tokens are split in two by k-means; each part is offered to every other component. :func:`transfer_starts`
+scores all ``2 K (K - 1)`` transfers cheaply (both atoms re-fitted by a few Newton-CG steps preconditioned by
+the current curvature, the objective evaluated exactly) and returns the best as starts.
 """
 
 from __future__ import annotations
@@ -26,16 +33,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import curvature, kernels
 from .data import TokenCounts
 from .engine import FitProblem, Point, run
 from .mstep import AtomState, newton_m_step
-from .starts import kmeans_start
+from .objective import per_token_objective
+from .starts import kmeans_start, weighted_kmeans
 
 #: EM iterations of the two-component fit that splits one component's data.
 SPLIT_EM_ITERS = 20
 #: Newton steps of a merged atom's moment match.
 MERGE_NEWTON_STEPS = 8
+#: A component's most frequent tokens (by its share of the data) split in two for its transfers.
+TRANSFER_TOP = 300
+#: Damped Newton steps (the M-step's) re-fitting the atoms for a transfer's score.
+TRANSFER_STEPS = 3
+#: A transfer hands over at most this share of the source component's data (more is a merge, not a transfer).
+TRANSFER_MAX_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -150,3 +164,76 @@ def apply_move(problem: FitProblem, point: Point, move: Move, gen: torch.Generat
     alpha[j], alpha[k] = ak * a2[0], ak * a2[1]
     beta[j], beta[k] = b2[0], b2[1]
     return alpha, beta
+
+
+def _refit_atoms(problem: FitProblem, atoms: AtomState, W: Tensor, S1: Tensor) -> AtomState:
+    """The atoms re-fitted to the data ``W (K,)``, ``S1 (K, L)`` from ``atoms`` (whose block preconditioner,
+    built at the current point, is kept): :data:`TRANSFER_STEPS` damped Newton steps of the M-step."""
+    new, _ = newton_m_step(
+        problem.X, atoms, W, S1, problem.lam, dtype=problem.dtype, method=problem.m_step, max_steps=TRANSFER_STEPS,
+        cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol, chunk_size=problem.chunk_size,
+        precondition=atoms.precond is not None, bias=problem.bias, whitening=problem.design.whitening,
+    )  # fmt: skip
+    return new
+
+
+def transfer_starts(problem: FitProblem, point: Point, n: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """The ``n`` best-scored transfers from ``point``, best first, as starts ``(alpha (K,), beta (K, L))``.
+
+    Each component ``a`` gives a k-means half of its :data:`TRANSFER_TOP` most frequent tokens (counts shared
+    out by responsibility) to each other component ``b``; all atoms are re-fitted at once to the data as ``a``
+    loses the half and as each ``b`` would receive it (:func:`_refit_atoms`), and a transfer's score is the
+    exact objective with ``a`` and ``b``'s new atoms and weights. One process only (the moves are skipped when
+    the vocabulary is shared among ranks). Cost: the block preconditioner once, ``2 K`` k-means of
+    :data:`TRANSFER_TOP` tokens and ``2 K`` re-fits (about ``8 TRANSFER_STEPS`` passes over ``X`` each).
+    """
+    st, c = point.state, problem.counts
+    R, log_s = shares(problem, point)
+    K = R.shape[1]
+    if K < 2 or n <= 0:
+        return []
+    W, S1 = R.sum(0), point.stats.S1.to(torch.float64)
+    N = problem.n_tokens
+    d = problem.design
+    precond = None
+    if curvature.usable(d, K):
+        precond = curvature.BlockPreconditioner.build(problem.X, st.beta, W, problem.lam, problem.bias, d.whitening,
+                                                      problem.dtype, problem.chunk_size, None)  # fmt: skip
+    atoms = AtomState(st.beta, st.atoms.logits, st.atoms.A, precond)
+    beta0 = st.beta
+    scored = []
+    for a in range(K):
+        top = torch.argsort(R[:, a], descending=True)[:TRANSFER_TOP]
+        top = top[R[top, a] > 0]
+        if top.numel() < 2:
+            continue
+        rows = c.support[top]
+        Z = (problem.X.index_select(0, rows).to(torch.float64) - d.whitening.mean) @ d.whitening.W
+        labels, _ = weighted_kmeans(Z, R[top, a], 2, gen)
+        for g in (0, 1):
+            part = top[labels == g]
+            dW = float(R[part, a].sum())
+            if part.numel() == 0 or part.numel() == top.numel() or dW > TRANSFER_MAX_SHARE * float(W[a]):
+                continue
+            dS1 = R[part, a] @ problem.X.index_select(0, c.support[part]).to(torch.float64)
+            sign = torch.ones(K, dtype=torch.float64, device=W.device)
+            sign[a] = -1.0  # the source loses the part, every other component is offered it
+            refit = _refit_atoms(problem, atoms, W + sign * dW, S1 + sign[:, None] * dS1)
+            new, new_log_s = refit.beta, refit.logits.index_select(0, c.support) - refit.A
+            del refit
+            for b in range(K):
+                if b == a:
+                    continue
+                alpha = W.clone()
+                alpha[a] -= dW
+                alpha[b] += dW
+                alpha = alpha / alpha.sum()
+                cols = log_s.clone()
+                cols[:, a], cols[:, b] = new_log_s[:, a], new_log_s[:, b]
+                loglik = float((c.values * torch.logsumexp(cols + alpha.log(), 1)).sum())
+                beta = beta0.clone()
+                beta[a], beta[b] = new[a], new[b]
+                scored.append((per_token_objective(loglik, beta, problem.lam, N), alpha, beta))
+                scored.sort(key=lambda t: -t[0])
+                del scored[n:]  # hold only the best n starts
+    return [(alpha, beta) for _, alpha, beta in scored]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .checkpoint import Checkpointer
 from .engine import FitProblem, Point, RunResult, State, run
-from .moves import apply_move, candidate_moves
+from .moves import apply_move, candidate_moves, transfer_starts
 from .polish import polish
 from .progress import Bars
 from .starts import Start
@@ -33,8 +33,8 @@ from .starts import Start
 @dataclass(frozen=True)
 class Schedule:
     """How long each phase may run: EM iterations of the screening and of the continued run, the
-    accelerator, L-BFGS iterations (0: no L-BFGS phase) and the EM rate at which the continued run
-    hands over to L-BFGS (``None``: never)."""
+    accelerator, L-BFGS iterations (0: no L-BFGS phase), the EM rate at which the continued run
+    hands over to L-BFGS (``None``: never), and the moves and transfers tried per round (0 and 0: none)."""
 
     max_iter: int
     init_max_iter: int | None = 10
@@ -42,6 +42,7 @@ class Schedule:
     polish_iter: int = 0
     switch_rate: float | None = None
     n_moves: int = 0
+    n_transfers: int = 0
 
 
 @dataclass
@@ -150,54 +151,65 @@ def _gains(problem: FitProblem, trial: RunResult, current: RunResult) -> bool:
     return trial.point.objective - current.point.objective > max(MOVE_GAIN, problem.tol)
 
 
+def _screened(problem: FitProblem, starts: list[tuple[Tensor, Tensor]], iters: int, sched: Schedule) -> list[RunResult]:
+    """The :data:`MOVE_FINALISTS` best of the starts ``(alpha, beta)`` after ``iters`` EM iterations each, best
+    first."""
+    kept: list[RunResult] = []
+    for alpha, beta in starts:
+        kept.append(run(problem, problem.evaluate(problem.state(alpha, beta)), iters, accelerate=sched.accelerate))
+        kept.sort(key=lambda r: -r.point.objective)
+        del kept[MOVE_FINALISTS:]  # hold only the finalists' states (each has (p, K) logits)
+    return kept
+
+
 def refine(
     problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars, user, gen, start: str = ""
 ) -> tuple[RunResult, dict]:
-    """Split-and-merge moves from a converged fit (:mod:`torch_softmix.moves`).
+    """Split-and-merge moves, then transfers, from a converged fit (:mod:`torch_softmix.moves`).
 
-    Each round tries the ``sched.n_moves`` best-ranked moves, each split two ways (k-means and peak). Every
-    trial runs :data:`MOVE_SCREEN_ITERS` EM iterations (screening, as the starts are screened); then the
+    Each round of moves tries the ``sched.n_moves`` best-ranked moves, each split two ways (k-means and peak).
+    Every trial runs :data:`MOVE_SCREEN_ITERS` EM iterations (screening, as the starts are screened); then the
     :data:`MOVE_FINALISTS` best are continued (EM to convergence or ``max_iter`` in all, then L-BFGS), best
     first, and the first that raises the objective by more than :data:`MOVE_GAIN` per token is kept and a new
-    round begins (at most ``max(2 K, 4)`` rounds); otherwise the search ends. Monotone: only improvements are
-    kept. A trial never runs more EM iterations than ``max_iter``.
+    round begins (at most ``max(2 K, 4)`` rounds); otherwise the moves end. Then, from where the moves ended,
+    rounds of the ``sched.n_transfers`` best-scored transfers run the same way: they can only improve on what
+    the moves found. Monotone: only improvements are kept. A trial never runs more EM iterations than
+    ``max_iter``.
     """
-    info = {"rounds": 0, "tried": 0, "continued": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
+    info = {"rounds": 0, "tried": 0, "transfers": 0, "continued": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     screen = min(MOVE_SCREEN_ITERS, sched.max_iter)  # a trial never runs more EM iterations than the fit may
-    for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
-        info["rounds"] += 1
-        trials = []
-        for move in candidate_moves(problem, result.point, sched.n_moves):
-            alpha, beta = apply_move(problem, result.point, move, gen)
-            trials.append(run(problem, problem.evaluate(problem.state(alpha, beta)), screen,
-                              accelerate=sched.accelerate))  # fmt: skip
-            info["tried"] += 1
-            trials.sort(key=lambda r: -r.point.objective)
-            del trials[MOVE_FINALISTS:]  # hold only the finalists' states (each has (p, K) logits)
-        best = None
-        for lead in trials:  # best screened first, continued until one gains
-            best = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
-                       history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
-            info["continued"] += 1
-            if sched.polish_iter > 0:
-                best, _ = polish_phase(problem, best, sched, bars, None, start)
-            if _gains(problem, best, result):
+    for n_moves, n_transfers in ((sched.n_moves, 0), (0, sched.n_transfers)):
+        for _ in range(max(2 * K, MIN_MOVE_ROUNDS) if n_moves + n_transfers > 0 else 0):
+            info["rounds"] += 1
+            point = result.point
+            starts = [apply_move(problem, point, move, gen) for move in candidate_moves(problem, point, n_moves)]
+            starts += transfer_starts(problem, point, n_transfers, gen)
+            info["tried"] += len(starts)
+            info["transfers"] += len(starts) if n_transfers else 0
+            best = None
+            for lead in _screened(problem, starts, screen, sched):  # best screened first, continued until one gains
+                best = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
+                           history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
+                info["continued"] += 1
+                if sched.polish_iter > 0:
+                    best, _ = polish_phase(problem, best, sched, bars, None, start)
+                if _gains(problem, best, result):
+                    break
+            if best is None or not _gains(problem, best, result):
                 break
-        if best is None or not _gains(problem, best, result):
-            break
-        info["kept"] += 1
-        info["gain"] += best.point.objective - result.point.objective
-        n_iter = result.n_iter + best.n_iter
-        entry = {"iter": n_iter, "loglik": best.point.loglik, "objective": best.point.objective, "phase": "move",
-                 "move_iters": best.n_iter, "time": t_base + time.perf_counter() - t0}  # fmt: skip
-        history = result.history + [entry]  # one entry per kept move: the history stays monotone
-        result = RunResult(best.point, history, n_iter, best.stop)
-        if user is not None:
-            st = result.state
-            user(FitEvent("move", start, result.n_iter, result.point.loglik, result.point.objective, False,
-                          history, st.log_alpha, st.beta))  # fmt: skip
+            info["kept"] += 1
+            info["gain"] += best.point.objective - result.point.objective
+            n_iter = result.n_iter + best.n_iter
+            entry = {"iter": n_iter, "loglik": best.point.loglik, "objective": best.point.objective,
+                     "phase": "move", "move_iters": best.n_iter, "time": t_base + time.perf_counter() - t0}  # fmt: skip
+            history = result.history + [entry]  # one entry per kept move: the history stays monotone
+            result = RunResult(best.point, history, n_iter, best.stop)
+            if user is not None:
+                st = result.state
+                user(FitEvent("move", start, result.n_iter, result.point.loglik, result.point.objective, False,
+                              history, st.log_alpha, st.beta))  # fmt: skip
     info["seconds"] = time.perf_counter() - t0
     return result, info
 
