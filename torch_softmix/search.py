@@ -180,8 +180,10 @@ def refine(
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     screen = min(MOVE_SCREEN_ITERS, sched.max_iter)  # a trial never runs more EM iterations than the fit may
-    for n_moves, n_transfers in ((sched.n_moves, 0), (0, sched.n_transfers)):
-        for _ in range(max(2 * K, MIN_MOVE_ROUNDS) if n_moves + n_transfers > 0 else 0):
+    for n_moves, n_transfers in ((sched.n_moves, 0), (0, sched.n_transfers)):  # the moves' phase, then transfers'
+        if n_moves + n_transfers == 0:
+            continue
+        for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
             info["rounds"] += 1
             point = result.point
             starts = [apply_move(problem, point, move, gen) for move in candidate_moves(problem, point, n_moves)]
