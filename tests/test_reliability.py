@@ -334,7 +334,11 @@ def test_peaked_atoms_large_vocab_and_half_precision():
     assert head.beta.dtype == torch.float32 and head.embedding.dtype == torch.bfloat16
     counts = sim.sample_counts(head, 100_000, seed=9)
     fitter = EMFitter(2, init="random", n_init=2, random_state=0, max_iter=30)
-    fit = fitter.fit(Xh, counts=counts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fitter.fit(Xh, counts=counts)
+    # float32 logits of norm-100 atoms round at ~1e-9 per token: not reported as a loss of EM
+    assert not [w for w in caught if "decreased" in str(w.message)]
     assert fit.embedding.data_ptr() == Xh.data_ptr()  # no float32 copy of the design
     assert torch.isfinite(fit.beta).all() and torch.isfinite(fit.log_alpha).all()
     obj = np.array([h["objective"] for h in fitter.history_])

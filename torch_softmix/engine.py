@@ -261,11 +261,14 @@ def _slow(history: list[dict], switch_rate: float) -> bool:
     return all(switch_rate * g0 < g1 <= g0 for g0, g1 in zip(gains, gains[1:]))
 
 
-def _is_rounding(prev: Point, point: Point) -> bool:
-    """Whether a loss is within float64 rounding of the objective: each token's ``log pi = logit - A`` loses
-    digits relative to the logits' size, so the scale is the larger of the objective and the log-normalisers."""
+def _is_rounding(problem: FitProblem, prev: Point, point: Point) -> bool:
+    """Whether a loss is within rounding of the objective: each token's ``log pi = logit - A`` loses digits
+    relative to the logits' size, so the scale is the larger of the objective and the log-normalisers; the
+    logits carry the rounding of the compute dtype (float32 for float32 and half-precision designs), the
+    likelihood that of float64 sums."""
     scale = max(1.0, abs(prev.objective), float(prev.state.atoms.A.abs().max()))
-    return prev.objective - point.objective <= 1e3 * torch.finfo(torch.float64).eps * scale
+    eps = max(1e3 * torch.finfo(torch.float64).eps, torch.finfo(problem.dtype).eps)
+    return prev.objective - point.objective <= eps * scale
 
 
 def run(
@@ -306,7 +309,7 @@ def run(
         history.append({**entry, "time": time.perf_counter() - t0})
         if gain < 0:  # EM cannot decrease F: rounding, or a bug if large. Keep the better iterate.
             history[-1]["decrease"] = -gain
-            rounding = _is_rounding(prev, point)
+            rounding = _is_rounding(problem, prev, point)
             if not rounding:
                 warnings.warn(
                     f"EM objective decreased from {prev.objective:.12g} to {point.objective:.12g} per token at "
