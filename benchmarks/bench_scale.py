@@ -58,7 +58,7 @@ def worker(p: int, L: int, K: int, N: int, iters: int) -> dict:
     B = start["beta"].float()
 
     t_matmul = best_of(lambda: X @ B.T, repeat=3)
-    fitter = EMFitter(K, init=start, max_iter=iters, tol=0, accelerate=None, polish_iter=0, n_moves=0)  # EM iterations only
+    fitter = EMFitter(K, init=start, max_iter=iters, tol=0, accelerate=None, polish_iter=0, n_moves=0, n_transfers=0)  # EM iterations only
     t0 = time.perf_counter()
     fitter.fit(X, counts=counts)
     t_fit = time.perf_counter() - t0

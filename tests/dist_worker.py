@@ -49,11 +49,11 @@ def _fit_result(fitter, head) -> dict:
 def fit_task(comm: Comm, args: dict, name: str) -> dict:
     X, truth, counts = problem(P_LARGE if name == "large-vocab" else P)
     settings = {
-        "given": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=40, tol=1e-13, polish_iter=15, n_moves=0),
-        "default": dict(n_init=3, random_state=0, max_iter=60, n_moves=0),
-        "kmeans": dict(init="kmeans", n_init=2, random_state=0, max_iter=30, n_moves=0),
-        "random-newton": dict(init="random", n_init=2, random_state=1, max_iter=20, m_step="newton", n_moves=0),
-        "large-vocab": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=25, tol=0, polish_iter=0, n_moves=0),
+        "given": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=40, tol=1e-13, polish_iter=15, n_moves=0, n_transfers=0),
+        "default": dict(n_init=3, random_state=0, max_iter=60, n_moves=0, n_transfers=0),
+        "kmeans": dict(init="kmeans", n_init=2, random_state=0, max_iter=30, n_moves=0, n_transfers=0),
+        "random-newton": dict(init="random", n_init=2, random_state=1, max_iter=20, m_step="newton", n_moves=0, n_transfers=0),
+        "large-vocab": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=25, tol=0, polish_iter=0, n_moves=0, n_transfers=0),
     }[name]
     fitter = EMFitter(K, **settings)
     head = fitter.fit(Design(X, comm=comm), counts=counts)
@@ -130,7 +130,7 @@ def resume_task(comm: Comm, args: dict) -> dict:
 
 def checkpointed_settings(path) -> dict:
     return dict(init="subspace", n_init=2, init_max_iter=3, max_iter=40, tol=0, random_state=0,
-                checkpoint=path, checkpoint_every=2, n_moves=0)  # fmt: skip
+                checkpoint=path, checkpoint_every=2, n_moves=0, n_transfers=0)  # fmt: skip
 
 
 TASKS = {

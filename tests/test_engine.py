@@ -148,7 +148,7 @@ def test_checkpoint_key_covers_bias_start_and_search_settings(tmp_path):
 def test_max_iter_counts_iterations_after_screening():
     X, b, truth, counts = _problem()
     fitter = EMFitter(3, init="random", n_init=3, init_max_iter=4, max_iter=6, tol=0, accelerate=None,
-                      random_state=0, polish_iter=0, n_moves=0)  # fmt: skip
+                      random_state=0, polish_iter=0, n_moves=0, n_transfers=0)  # fmt: skip
     with pytest.warns(ConvergenceWarning):
         fitter.fit(X, counts=counts)
     assert fitter.n_iter_ == 4 + 6 and fitter.history_[-1]["iter"] == 10

@@ -76,11 +76,11 @@ def test_polish_with_a_collapsed_component_stays_finite(problem):
     X, truth, counts = problem
     start = sim.perturbed_start(truth, 0.3, seed=5)
     start["alpha"] = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
-    fitter = EMFitter(3, init=start, max_iter=2, polish_iter=50, n_moves=0)
+    fitter = EMFitter(3, init=start, max_iter=2, polish_iter=50, n_moves=0, n_transfers=0)
     with pytest.warns(RuntimeWarning, match="collapsed"):
         head = fitter.fit(X, counts=counts)
     assert torch.isfinite(head.beta).all() and torch.isfinite(torch.tensor(fitter.objective_))
-    em_only = EMFitter(3, init=start, max_iter=2, n_moves=0)
+    em_only = EMFitter(3, init=start, max_iter=2, n_moves=0, n_transfers=0)
     with pytest.warns(RuntimeWarning, match="collapsed"):
         em_only.fit(X, counts=counts)
     assert fitter.objective_ >= em_only.objective_

@@ -58,11 +58,56 @@ def test_moves_leave_a_merged_and_split_basin_on_smollm2(smollm2):
     d = d / d.norm() * 0.1 * float(b[2].norm())
     bad = {"alpha": torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64),
            "beta": torch.stack([(b[0] + b[1]) / 2, b[2] + d, b[2] - d])}  # fmt: skip
-    oracle = EMFitter(3, init=truth, n_moves=0).fit(design, counts=sample.counts).fit_info["objective_per_token"]
-    stuck = EMFitter(3, init=bad, n_moves=0)
+    oracle = EMFitter(3, init=truth, n_moves=0, n_transfers=0).fit(design, counts=sample.counts).fit_info["objective_per_token"]
+    stuck = EMFitter(3, init=bad, n_moves=0, n_transfers=0)
     stuck.fit(design, counts=sample.counts)
     assert stuck.objective_ < oracle - 5e-5
     moved = EMFitter(3, init=bad, random_state=0)
     moved.fit(design, counts=sample.counts)
     assert moved.moves_["kept"] >= 1
     assert moved.objective_ > oracle - 5e-6
+
+
+@pytest.mark.slow
+def test_companion_transfers_give_a_near_deterministic_prompts_tail_back(smollm2, monkeypatch):
+    """K = 2: one prompt puts about 92% on one token. The start hands that law's next four tokens (its tail,
+    3% of the data) to the other prompt's component, each group moment-matched: EM and L-BFGS converge there,
+    below the oracle. The four are not a k-means half of the component's tokens, so the halves alone do not
+    give them back; a frequent token with its companions does, and the fit reaches the oracle."""
+    from torch_softmix import EMFitter, hf, moves
+
+    model, tok = smollm2
+    design = hf.output_design(model)
+    prompts = ["The rain had not stopped for three days, and the river", "a, b, c, d, e, f,"]
+    sample = hf.sample_next_tokens(model, tok, prompts, 200_000, weights=[0.6, 0.4], seed=0)
+    truth = {k: v.double() for k, v in sample.truth.items()}
+    counts = sample.counts
+    problem, _ = EMFitter(2, init=truth)._problem(design, None, None, counts)
+    R, log_s = moves.shares(problem, problem.evaluate(problem.state(truth["alpha"], truth["beta"])))
+    hard = torch.zeros_like(R)
+    hard[torch.arange(R.shape[0]), R.argmax(1)] = problem.counts.values
+    order = torch.argsort(log_s[:, 1], descending=True)  # law 1's tokens on the support, most probable first
+    assert float(log_s[order[0], 1].exp()) > 0.8  # the near-deterministic law
+    tail = order[1:5]  # its next four tokens
+    hard[tail, 0] += hard[tail, 1]
+    hard[tail, 1] = 0
+    W = hard.sum(0)
+    L = design.X.shape[1]
+    beta = torch.stack([moves._merged_atom(problem, torch.zeros(L, dtype=torch.float64), hard[:, k], W[k])
+                        for k in range(2)])  # fmt: skip
+    bad = {"alpha": W / W.sum(), "beta": beta}
+    oracle = EMFitter(2, init=truth, n_moves=0, n_transfers=0)
+    oracle = oracle.fit(design, counts=counts).fit_info["objective_per_token"]
+    stuck = EMFitter(2, init=bad, n_moves=0, n_transfers=0)
+    stuck.fit(design, counts=counts)
+    assert stuck.objective_ < oracle - 1e-4
+    end = {"alpha": stuck.head_.alpha.detach().double(), "beta": stuck.head_.beta.detach().double()}
+    monkeypatch.setattr(moves, "TRANSFER_LEADS", 0)  # the k-means halves alone
+    halves = EMFitter(2, init=end, n_moves=0, n_transfers=3, random_state=0)
+    halves.fit(design, counts=counts)
+    assert halves.objective_ < oracle - 1e-4
+    monkeypatch.undo()
+    moved = EMFitter(2, init=end, n_moves=0, n_transfers=3, random_state=0)
+    moved.fit(design, counts=counts)
+    assert moved.moves_["kept"] >= 1
+    assert moved.objective_ > oracle - 1e-6

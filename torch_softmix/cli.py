@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--polish-iter", type=int, default=lm["polish_iter"], help="L-BFGS iterations after EM")
     sp.add_argument("--n-moves", type=int, default=lm["n_moves"], help="split-and-merge moves tried per round (0: none)")
     sp.add_argument("--n-transfers", type=int, default=lm["n_transfers"],
-                    help="transfers (part of one component's data to another) tried per round (0: none; slower, "
-                         "finds the right components more often on LM mixtures)")
+                    help="transfers of each kind (part of one component's data to another) tried per round "
+                         "(0: none; 3: slower, finds the right components more often on LM mixtures)")
     sp.add_argument("--tol", type=float, default=lm["tol"])
     sp.add_argument("--ridge", type=float, default=1e-6)
     sp.add_argument("--seed", type=int, default=0)

@@ -102,11 +102,12 @@ class EMFitter:
             iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
             is kept (:func:`~torch_softmix.search.refine`); ``0``: none. Skipped (with a warning) when the
             vocabulary is shared among ranks.
-        n_transfers: after the moves, rounds of the ``n_transfers`` best-scored *transfers*: part of one
-            component's data (a k-means half of its frequent tokens) handed to another component
-            (:func:`~torch_softmix.moves.transfer_starts`), screened, continued and kept like the moves (so the
-            fit ends at least as high as without them). ``0`` (default): none. Costly: see the README's
-            "Limitations" for what they bought on SmolLM2 and at what price.
+        n_transfers: after the moves, rounds of *transfers*: a group of one component's frequent tokens (a
+            k-means half, or a token with its companions) handed to another component
+            (:func:`~torch_softmix.moves.transfer_starts`); the ``n_transfers`` best-scored of each kind are
+            screened, continued and kept like the moves (so the fit ends at least as high as without them).
+            ``0`` (default): none; ``3`` is what the README's "Limitations" measured on SmolLM2 (what they buy
+            there, and at what price).
         checkpoint: a file the run is saved to every ``checkpoint_every`` EM iterations (atomically). If it
             exists when ``fit`` starts, the fit resumes from it (after checking that design, bias, counts and
             settings agree) without recomputing the starts, and ends as an uninterrupted fit would

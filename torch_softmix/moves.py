@@ -18,12 +18,15 @@ A move ``(merge=(i, j), split=k)`` gives ``i`` and ``j``'s data one atom (their 
 two (k-means of its frequent tokens, then a few EM iterations on that data alone); ``k`` may be ``i`` itself
 (the pair's data re-split afresh), which is the only kind of move when ``K = 2``.
 
-A *transfer* keeps every component but hands a part of one component's data to another: the other typical
-wrong basin on LM mixtures has a group of one law's tokens (similar embeddings, a few percent of the data)
-owned by the wrong component, and EM does not move them back one token at a time. Each component's frequent
-tokens are split in two by k-means; each part is offered to every other component. :func:`transfer_starts`
-scores all ``2 K (K - 1)`` transfers cheaply (both atoms re-fitted by a few Newton-CG steps preconditioned by
-the current curvature, the objective evaluated exactly) and returns the best as starts.
+A *transfer* keeps every component but hands a group of one component's tokens to another: the other typical
+wrong basin on LM mixtures has a few of one law's tokens (a few percent of the data) owned by the wrong
+component, and EM does not move them back one token at a time. Two kinds of groups are offered: the two
+k-means halves of a component's frequent tokens (to every other component), and a frequent token with its
+*companions* (to one other component): the tokens whose probability under the receiver rises most when the
+receiver's atom takes a Newton step toward that token. On a near-deterministic prompt the misowned tokens are
+such a group but not a k-means cluster. :func:`transfer_starts` scores every transfer exactly after re-fitting
+the two atoms concerned (a few Newton-CG steps preconditioned by the current curvature, many transfers at
+once) and returns the best of each kind as starts.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ MERGE_NEWTON_STEPS = 8
 TRANSFER_TOP = 300
 #: Damped Newton steps (the M-step's) re-fitting the atoms for a transfer's score.
 TRANSFER_STEPS = 3
+#: The most frequent tokens of a component that lead a group of companions to each other component.
+TRANSFER_LEADS = 5
+#: Sizes of the companion groups (the lead token's companions, the lead not counted).
+TRANSFER_COMPANIONS = (3, 7)
+#: Transfers re-fitted at once (``2 x`` this many atoms: their logits ``p x 2 x`` this many float64, and as many
+#: ``L x L`` float64 blocks of the preconditioner).
+TRANSFER_BATCH = 16
 #: A transfer hands over at most this share of the source component's data (more is a merge, not a transfer).
 TRANSFER_MAX_SHARE = 0.9
 
@@ -177,63 +187,128 @@ def _refit_atoms(problem: FitProblem, atoms: AtomState, W: Tensor, S1: Tensor) -
     return new
 
 
-def transfer_starts(problem: FitProblem, point: Point, n: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
-    """The ``n`` best-scored transfers from ``point``, best first, as starts ``(alpha (K,), beta (K, L))``.
+def _hessian_solver(problem: FitProblem, st, W: Tensor, m: Tensor, precond):
+    """``V (K, L) -> (W_k C_k + lam I)^{-1} v_k`` for each component, the matrices taken at the current atoms:
+    the block preconditioner ``precond`` when there is one, else the matrices' diagonals (one pass over ``X``)."""
+    if precond is not None:
+        return precond.solve
+    s = kernels.probs_from_logits(st.atoms.logits, st.atoms.A, problem.dtype)
+    diag = kernels.covariance_diagonal(problem.X, s, m.to(problem.dtype), problem.chunk_size).to(torch.float64)
+    diag = W[:, None] * diag + max(problem.lam, 1e-12)
+    return lambda V: V.to(torch.float64) / diag
 
-    Each component ``a`` gives a k-means half of its :data:`TRANSFER_TOP` most frequent tokens (counts shared
-    out by responsibility) to each other component ``b``; all atoms are re-fitted at once to the data as ``a``
-    loses the half and as each ``b`` would receive it (:func:`_refit_atoms`), and a transfer's score is the
-    exact objective with ``a`` and ``b``'s new atoms and weights. One process only (the moves are skipped when
-    the vocabulary is shared among ranks). Cost: the block preconditioner once, ``2 K`` k-means of
-    :data:`TRANSFER_TOP` tokens and ``2 K`` re-fits (about ``8 TRANSFER_STEPS`` passes over ``X`` each).
+
+def _companions(Z: Tensor, a: int, m: Tensor, solve) -> list[tuple[int, Tensor]]:
+    """Groups of component ``a``'s frequent tokens ``Z (t, L)`` (most frequent first) for one receiver each:
+    ``(b, positions)``.
+
+    For each of the :data:`TRANSFER_LEADS` most frequent tokens and each receiver ``b``: the token and its
+    *companions*, the tokens whose log-probability under ``b`` a Newton step of ``b`` toward the lead token
+    raises most (largest ``(x_j - m_b)^T H_b^{-1} (x_lead - m_b)``, ``m (K, L)`` the component means),
+    :data:`TRANSFER_COMPANIONS` of them.
+    """
+    K, t = m.shape[0], Z.shape[0]
+    out = []
+    for lead in range(min(TRANSFER_LEADS, t)):
+        step = solve(Z[lead] - m)  # (K, L): each component's Newton step toward the lead token
+        for b in range(K):
+            if b == a:
+                continue
+            z = (Z - m[b]) @ step[b]
+            z[lead] = float("inf")  # the lead itself always goes
+            order = torch.argsort(z, descending=True)
+            out += [(b, order[: 1 + size]) for size in TRANSFER_COMPANIONS if size < t - 1]
+    return out
+
+
+def transfer_starts(problem: FitProblem, point: Point, n: int, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """The ``n`` best-scored transfers of each kind from ``point``, best first, as starts ``(alpha (K,),
+    beta (K, L))``.
+
+    A transfer hands one group of component ``a``'s :data:`TRANSFER_TOP` most frequent tokens (counts shared
+    out by responsibility) to one other component ``b``, and is scored by the exact objective once ``a``'s and
+    ``b``'s atoms are re-fitted to their changed data (:func:`_refit_pairs`); the other components keep theirs.
+    Two kinds of groups, each ranked apart (a few tokens score close to the current point and would crowd out
+    the halves, whose receivers have further to go):
+
+    * ``"halves"``: the two k-means halves of ``a``'s tokens, each offered to every ``b``;
+    * ``"companions"``: a frequent token with its companions (:func:`_companions`), offered to one ``b``.
+
+    One process only (the moves are skipped when the vocabulary is shared among ranks). Cost: the block
+    preconditioner and the component means once, then about ``8 TRANSFER_STEPS`` passes over ``X`` per
+    :data:`TRANSFER_BATCH` transfers, for ``2 K (K - 1) (1 + TRANSFER_LEADS len(TRANSFER_COMPANIONS))``
+    transfers.
     """
     st, c = point.state, problem.counts
     R, log_s = shares(problem, point)
     K = R.shape[1]
     if K < 2 or n <= 0:
         return []
-    W, S1 = R.sum(0), point.stats.S1.to(torch.float64)
-    N = problem.n_tokens
+    W, S1, N = R.sum(0), point.stats.S1.to(torch.float64), problem.n_tokens
     d = problem.design
     precond = None
     if curvature.usable(d, K):
         precond = curvature.BlockPreconditioner.build(problem.X, st.beta, W, problem.lam, problem.bias, d.whitening,
                                                       problem.dtype, problem.chunk_size, None)  # fmt: skip
     atoms = AtomState(st.beta, st.atoms.logits, st.atoms.A, precond)
-    beta0 = st.beta
-    scored = []
+    s = kernels.probs_from_logits(st.atoms.logits, st.atoms.A, problem.dtype)
+    m = kernels.weighted_sum(problem.X, s, chunk_size=problem.chunk_size).to(torch.float64)  # (K, L) the means
+    del s
+    solve = _hessian_solver(problem, st, W, m, precond)
+    transfers = []  # (a, b, dW, dS1, kind)
     for a in range(K):
         top = torch.argsort(R[:, a], descending=True)[:TRANSFER_TOP]
         top = top[R[top, a] > 0]
         if top.numel() < 2:
             continue
-        rows = c.support[top]
-        Z = (problem.X.index_select(0, rows).to(torch.float64) - d.whitening.mean) @ d.whitening.W
-        labels, _ = weighted_kmeans(Z, R[top, a], 2, gen)
-        for g in (0, 1):
-            part = top[labels == g]
-            dW = float(R[part, a].sum())
-            if part.numel() == 0 or part.numel() == top.numel() or dW > TRANSFER_MAX_SHARE * float(W[a]):
-                continue
-            dS1 = R[part, a] @ problem.X.index_select(0, c.support[part]).to(torch.float64)
-            sign = torch.ones(K, dtype=torch.float64, device=W.device)
-            sign[a] = -1.0  # the source loses the part, every other component is offered it
-            refit = _refit_atoms(problem, atoms, W + sign * dW, S1 + sign[:, None] * dS1)
-            new, new_log_s = refit.beta, refit.logits.index_select(0, c.support) - refit.A
-            del refit
-            for b in range(K):
-                if b == a:
-                    continue
-                alpha = W.clone()
-                alpha[a] -= dW
-                alpha[b] += dW
-                alpha = alpha / alpha.sum()
-                cols = log_s.clone()
-                cols[:, a], cols[:, b] = new_log_s[:, a], new_log_s[:, b]
-                loglik = float((c.values * torch.logsumexp(cols + alpha.log(), 1)).sum())
-                beta = beta0.clone()
-                beta[a], beta[b] = new[a], new[b]
-                scored.append((per_token_objective(loglik, beta, problem.lam, N), alpha, beta))
-                scored.sort(key=lambda t: -t[0])
-                del scored[n:]  # hold only the best n starts
-    return [(alpha, beta) for _, alpha, beta in scored]
+        X_top = problem.X.index_select(0, c.support[top]).to(torch.float64)
+        labels, _ = weighted_kmeans((X_top - d.whitening.mean) @ d.whitening.W, R[top, a], 2, gen)
+        halves = [(b, torch.nonzero(labels == g).squeeze(1), "halves") for g in (0, 1) for b in range(K) if b != a]
+        for b, pos, kind in halves + [(b, pos, "companions") for b, pos in _companions(X_top, a, m, solve)]:
+            dW = float(R[top[pos], a].sum())
+            if 0 < pos.numel() < top.numel() and dW <= TRANSFER_MAX_SHARE * float(W[a]):
+                transfers.append((a, b, dW, R[top[pos], a] @ X_top[pos], kind))
+    best: dict[str, list] = {"halves": [], "companions": []}  # per kind: the n best (score, alpha, beta) so far
+    for lo in range(0, len(transfers), TRANSFER_BATCH):
+        batch = transfers[lo : lo + TRANSFER_BATCH]
+        new, new_log_s = _refit_pairs(problem, atoms, W, S1, batch)
+        for i, (a, b, dW, _, kind) in enumerate(batch):
+            alpha, beta = _transferred(W, st.beta, a, b, dW, new[2 * i], new[2 * i + 1])
+            cols = log_s.clone()
+            cols[:, a], cols[:, b] = new_log_s[:, 2 * i], new_log_s[:, 2 * i + 1]
+            loglik = float((c.values * torch.logsumexp(cols + alpha.log(), 1)).sum())
+            best[kind].append((per_token_objective(loglik, beta, problem.lam, N), alpha, beta))
+            best[kind].sort(key=lambda t: -t[0])
+            del best[kind][n:]
+    ranked = sorted(best["halves"] + best["companions"], key=lambda t: -t[0])
+    return [(alpha, beta) for _, alpha, beta in ranked]
+
+
+def _transferred(W: Tensor, beta: Tensor, a: int, b: int, dW: float, beta_a: Tensor, beta_b: Tensor):
+    """The weights ``(K,)`` and atoms ``(K, L)`` after ``dW`` of the data goes from ``a`` to ``b`` and their atoms
+    become ``beta_a``, ``beta_b``."""
+    alpha = W.clone()
+    alpha[a] -= dW
+    alpha[b] += dW
+    new = beta.clone()
+    new[a], new[b] = beta_a, beta_b
+    return alpha / alpha.sum(), new
+
+
+def _refit_pairs(problem: FitProblem, atoms: AtomState, W: Tensor, S1: Tensor, pairs: list) -> tuple[Tensor, Tensor]:
+    """Re-fit the two atoms of each transfer ``(a, b, dW, dS1, ...)`` in ``pairs`` to their changed data, at once.
+
+    ``atoms``: the current ones (with the block preconditioner, if any); ``W (K,)``, ``S1 (K, L)``: the current
+    data. The M-step's :data:`TRANSFER_STEPS` damped Newton steps on ``2 n`` columns, each preconditioned by
+    its component's block. Returns the atoms ``(2 n, L)`` (``a``'s then ``b``'s for each transfer) and their
+    laws on the support ``(S, 2 n)``.
+    """
+    k = torch.tensor([j for a, b, *_ in pairs for j in (a, b)], device=W.device)
+    dW = torch.tensor([x for _, _, w, *_ in pairs for x in (-w, w)], dtype=torch.float64, device=W.device)
+    dS1 = torch.stack([x for _, _, _, v, *_ in pairs for x in (-v, v)])
+    pre = atoms.precond
+    if pre is not None:
+        pre = curvature.BlockPreconditioner(pre.beta[k], pre.W[k], pre.chol[k], pre.age)
+    cols = AtomState(atoms.beta[k], atoms.logits[:, k], atoms.A[k], pre)
+    new = _refit_atoms(problem, cols, (W[k] + dW).clamp_min(0.0), S1[k] + dS1)
+    return new.beta, new.logits.index_select(0, problem.counts.support) - new.A
