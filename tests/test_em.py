@@ -93,7 +93,7 @@ def test_same_seed_same_fit_and_restarts_keep_best():
     assert torch.equal(h1.beta, h2.beta)
     assert len(f1.init_results_) == 4
     assert f1.init_results_[f1.best_init_] == max(f1.init_results_)
-    assert f1.objective_ == pytest.approx(max(f1.init_results_))
+    assert f1.objective_ >= max(f1.init_results_) - 1e-12  # the best start, continued (L-BFGS phase, moves)
     # screening: a few iterations per start, the best continued
     f3 = EMFitter(3, init="random", n_init=4, init_max_iter=3, random_state=5, max_iter=50)
     f3.fit(X, counts=counts)

@@ -91,8 +91,9 @@ def test_score_bic_aic_and_lower_bounds():
     assert one.n_components == 1 and fitter.bic(counts) < EMFitter(1).fit(X, counts=counts).loglik(counts) * -2
     assert fitter.lower_bounds_ == [h["loglik"] for h in fitter.history_]
     assert fitter.lower_bounds_[-1] == fitter.lower_bound_
-    assert fitter.stop_reason_ == "tol" and fitter.converged_ and head.fit_info["stop"] == "tol"
-    assert fitter.m_step_ == "newton"  # L = 6 <= 64 with m_step="auto"
+    assert fitter.converged_ and fitter.stop_reason_ in ("tol", "polish_tol")
+    assert head.fit_info["stop"] == fitter.stop_reason_
+    assert fitter.m_step_ == "newton"  # L = 6 <= 32 with m_step="auto"
     with pytest.raises(RuntimeError, match="not fitted"):
         EMFitter(2).score(counts)
 

@@ -290,7 +290,7 @@ def test_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, m_ste
     ref = straight.fit(Xb, counts=counts)
 
     ckpt = tmp_path / "fit.ckpt"
-    interrupted = EMFitter(3, checkpoint=ckpt, checkpoint_every=4, **kw)
+    interrupted = EMFitter(3, checkpoint=ckpt, checkpoint_every=2, **kw)
     saves = []
 
     def crash_after_third_checkpoint(event):
@@ -308,7 +308,7 @@ def test_interrupted_fit_resumes_to_the_same_result(tmp_path, monkeypatch, m_ste
     made = []  # a counting wrapper around the real start maker
     real_make_starts = em_module.make_starts
     monkeypatch.setattr(em_module, "make_starts", lambda *a, **k: made.append(1) or real_make_starts(*a, **k))
-    resumed = EMFitter(3, checkpoint=ckpt, checkpoint_every=4, **kw)
+    resumed = EMFitter(3, checkpoint=ckpt, checkpoint_every=2, **kw)
     head = resumed.fit(Xb, counts=counts)
     assert made == []  # the checkpoint is read before any start is computed
     assert torch.equal(head.beta, ref.beta) and torch.equal(head.log_alpha, ref.log_alpha)

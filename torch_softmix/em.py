@@ -85,7 +85,7 @@ class EMFitter:
         tol: a run stops when the per-token objective rises by less than ``tol`` in an iteration.
         ridge: per-token ridge; the penalty is ``(ridge N / 2) sum_k |beta_k|^2``. ``0`` allowed.
         m_step: ``"newton"`` (``K`` Hessians ``L x L``), ``"newton-cg"`` (Hessian-vector products) or
-            ``"auto"`` (Newton for ``L <= 64``); the one used is ``m_step_``.
+            ``"auto"`` (Newton for ``L <= 32``); the one used is ``m_step_``.
         m_step_iter: Newton steps per M-step (1 = generalised EM).
         cg_max_iter, cg_rtol: conjugate-gradient budget and relative residual for ``"newton-cg"`` (with the
             block preconditioner of :mod:`torch_softmix.curvature`, when it fits, at most 3 CG steps suffice).
@@ -95,7 +95,9 @@ class EMFitter:
             (:func:`~torch_softmix.polish.polish`, two passes over ``X`` each); kept only if at least as good
             as EM. ``0``: none (EM alone, to convergence or ``max_iter``).
         switch_rate: EM hands over to the L-BFGS phase as soon as its measured rate (a step's gain over the
-            previous step's) exceeds this: EM is fast while it makes big moves, L-BFGS where EM creeps.
+            previous step's, per EM map: a SQUAREM step counts two) exceeds this on two steps running: EM is
+            fast while it makes big moves, L-BFGS where EM creeps (an EM map costs about three L-BFGS
+            iterations' passes, so a rate of 0.3 per map is already slower than L-BFGS near an optimum).
             ``None``: EM runs to its own convergence first.
         n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
             ``n_moves`` best-ranked (merge, split) pairs, each split two ways and screened by a few EM
@@ -166,7 +168,7 @@ class EMFitter:
         cg_rtol: float = 1e-3,
         accelerate: str | None = "squarem",
         polish_iter: int = 1000,
-        switch_rate: float | None = 0.5,
+        switch_rate: float | None = 0.3,
         n_moves: int = 2,
         n_transfers: int = 0,
         checkpoint: str | os.PathLike | None = None,

@@ -249,16 +249,19 @@ def _step(problem: FitProblem, prev: Point, accelerate: str | None, room: int) -
 
 
 def _slow(history: list[dict], switch_rate: float) -> bool:
-    """Whether EM has settled into slow linear convergence: each of its last two steps gained between
-    ``switch_rate`` and 1 times the step before (a ratio above 1 is EM speeding up, not creeping).
+    """Whether EM has settled into slow linear convergence: over each of its last two steps the gain shrank by
+    a factor between ``switch_rate`` and 1 *per EM map* (a SQUAREM step spans two maps, so its gain ratio is
+    taken to the power 1/2; a ratio above 1 is EM speeding up, not creeping).
 
     Measured on the history (which checkpoints keep), so a resumed run hands over where the
     uninterrupted one does."""
     if len(history) < 5:
         return False
-    f = [h["objective"] for h in history[-4:]]
+    last = history[-4:]
+    f = [h["objective"] for h in last]
     gains = [b - a for a, b in zip(f, f[1:])]
-    return all(switch_rate * g0 < g1 <= g0 for g0, g1 in zip(gains, gains[1:]))
+    maps = [max(1, b["iter"] - a["iter"]) for a, b in zip(last, last[1:])]
+    return all(0 < g1 <= g0 and (g1 / g0) ** (1.0 / m) > switch_rate for g0, g1, m in zip(gains, gains[1:], maps[1:]))
 
 
 def _is_rounding(problem: FitProblem, prev: Point, point: Point) -> bool:
@@ -285,9 +288,9 @@ def run(
     """EM from ``start`` until the per-token gain falls below ``problem.tol`` or ``max_iter`` EM iterations
     (M-steps, counted from the start of the whole fit: ``n_done`` are already done) have run.
 
-    With ``switch_rate``, the run also stops (``"slow"``) once EM converges slowly: when each of the last two
-    steps gained more than ``switch_rate`` times (and at most as much as) the step before (EM's linear
-    rate, the fraction of missing information, measured); a quasi-Newton method is then the faster way on.
+    With ``switch_rate``, the run also stops (``"slow"``) once EM converges slowly: when over each of the last
+    two steps the gain shrank by a factor between ``switch_rate`` and 1 per EM map (EM's linear rate, the
+    fraction of missing information, measured); a quasi-Newton method is then the faster way on.
 
     ``history`` continues an earlier run's (a resumed or screened fit); one dict per accepted iterate
     with ``iter``, ``loglik``, ``objective``, ``time`` and what the M-step did.

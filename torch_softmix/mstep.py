@@ -37,8 +37,9 @@ ARMIJO = 1e-4
 #: Halvings of the step before a component keeps its current atom for this M-step.
 MAX_BACKTRACKS = 40
 M_STEPS = ("newton", "newton-cg", "auto")
-#: ``m_step="auto"`` uses full Newton up to this hidden size, Newton-CG above it.
-AUTO_NEWTON_MAX_L = 64
+#: ``m_step="auto"`` uses full Newton up to this hidden size, Newton-CG above it (where the blocks of
+#: :mod:`torch_softmix.curvature` make 3 CG steps enough, Newton's ``K`` Hessians cost more from ``L`` ~ 40 on).
+AUTO_NEWTON_MAX_L = 32
 
 
 def m_objective(beta: Tensor, A: Tensor, W: Tensor, S1: Tensor, lam: float) -> Tensor:
