@@ -109,7 +109,7 @@ class Comm:
         """``logsumexp`` over the vocabulary axis ``dim`` of a row-sharded tensor: a max, then a sum, all-reduced."""
         if not self.distributed:
             return torch.logsumexp(local, dim=dim)
-        m = local.amax(dim=dim) if local.shape[dim] else torch.full_like(local.sum(dim), -torch.inf)
+        m = local.max(dim=dim).values if local.shape[dim] else torch.full_like(local.sum(dim), -torch.inf)
         m = self.max(m.clone(), name + ":max")
         safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         s = self.sum(torch.exp(local - safe.unsqueeze(dim)).sum(dim), name + ":sum")
