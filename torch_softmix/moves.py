@@ -39,7 +39,7 @@ from torch import Tensor
 from . import curvature, kernels
 from .data import TokenCounts
 from .engine import FitProblem, Point, run
-from .mstep import AtomState, newton_m_step
+from .mstep import AtomState, diagonal_solver, newton_m_step
 from .objective import per_token_objective
 from .starts import kmeans_start, weighted_kmeans
 
@@ -193,9 +193,7 @@ def _hessian_solver(problem: FitProblem, st, W: Tensor, m: Tensor, precond):
     if precond is not None:
         return precond.solve
     s = kernels.probs_from_logits(st.atoms.logits, st.atoms.A, problem.dtype)
-    diag = kernels.covariance_diagonal(problem.X, s, m.to(problem.dtype), problem.chunk_size).to(torch.float64)
-    diag = W[:, None] * diag + max(problem.lam, 1e-12)
-    return lambda V: V.to(torch.float64) / diag
+    return diagonal_solver(problem.X, s, m, W, max(problem.lam, 1e-12), problem.chunk_size)
 
 
 def _companions(Z: Tensor, a: int, m: Tensor, solve) -> list[tuple[int, Tensor]]:

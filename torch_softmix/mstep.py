@@ -103,6 +103,14 @@ def newton_direction(g: Tensor, H: Tensor) -> Tensor:
     return torch.cholesky_solve(g[:, :, None], chol)[:, :, 0]
 
 
+def diagonal_solver(X: Tensor, s: Tensor, m: Tensor, W: Tensor, lam: float, chunk_size: int | None = None, comm=None):
+    """``V (K, L) -> V / diag(W_k C_k + lam I)`` row by row (float64): the diagonal of each component's Newton
+    matrix at the laws ``s (p, K)`` with means ``m (K, L)`` (one pass over ``X``)."""
+    C = kernels.covariance_diagonal(X, s, m.to(s.dtype), chunk_size, comm).to(torch.float64)
+    inv = 1.0 / (W.to(torch.float64)[:, None] * C + lam).clamp_min(torch.finfo(torch.float64).tiny)
+    return lambda V: inv * V.to(torch.float64)
+
+
 def cg_direction(
     X: Tensor,
     s: Tensor,
@@ -126,14 +134,7 @@ def cg_direction(
     dt = s.dtype
     Wd = W.to(torch.float64)
     m_dt = m.to(dt)
-    if precond is not None:
-        solve = precond.solve
-    else:
-        diag = Wd[:, None] * kernels.covariance_diagonal(X, s, m_dt, chunk_size, comm).to(torch.float64) + lam
-        Minv = 1.0 / diag.clamp_min(torch.finfo(torch.float64).tiny)
-
-        def solve(V: Tensor) -> Tensor:
-            return Minv * V
+    solve = precond.solve if precond is not None else diagonal_solver(X, s, m_dt, Wd, lam, chunk_size, comm)
 
     def apply(V: Tensor) -> Tensor:
         CV = kernels.covariance_matvec(X, s, m_dt, V.to(dt), chunk_size, comm).to(torch.float64)
