@@ -17,7 +17,12 @@ Problems: Gaussian designs (p = 32768, N = 10^6) with L in {16, 64, 192, 576}, K
 near (truth + 20%), far (truth + 100%) and random; SmolLM2's embedding with real hidden states of random
 prompts, K in {4, 8}, the same three starts.
 
+On a GPU (``--device cuda``, ``--dtype float32`` or ``bfloat16`` for the design) every method runs there; the
+clock waits for the device at each time stamp, and each row also reports the default fit's seconds per pass
+over ``X`` during EM against the time of one ``X @ B`` (``B`` of shape ``(L, K)`` in the design's dtype).
+
     python benchmarks/race_lbfgs.py [--quick] [--out benchmarks/results/race_lbfgs]
+    python benchmarks/race_lbfgs.py --device cuda --dtype bfloat16 --no-smollm2 --out race_lbfgs_cuda_bf16
 """
 
 from __future__ import annotations
@@ -87,6 +92,8 @@ class Recorder:
         self.points: list[tuple[float, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, log_alpha, beta) -> None:
+        if beta.is_cuda:
+            torch.cuda.synchronize(beta.device)
         t = time.perf_counter()
         self.points.append((t - self.t0 - self.paused, log_alpha.detach().double().clone(), beta.detach().double().clone()))
         self.paused += time.perf_counter() - t
@@ -99,17 +106,18 @@ def run_methods(X, bias, counts, start, K, max_iter):
     rec = Recorder()
     rec(torch.log(start["alpha"]), start["beta"])
     fitter = EMFitter(K, init=start, random_state=0)
-    em = {"passes": 0.0, "maps": 0}  # passes and iterations up to the last EM iteration (before polish, moves)
+    em = {"passes": 0.0, "maps": 0, "time": 0.0}  # up to the last EM iteration (before polish, moves)
 
     def on_event(ev):
         rec(ev.log_alpha, ev.beta)
         if ev.phase == "em":
-            em.update(passes=kernels.PASSES[0], maps=ev.n_iter)
+            em.update(passes=kernels.PASSES[0], maps=ev.n_iter, time=rec.points[-1][0])
 
     fitter.fit(design, counts=counts, callback=on_event)
     rec(fitter.head_.log_alpha, fitter.head_.beta)
     runs["default"] = (rec, {"n_iter": fitter.n_iter_, "polish": fitter.polish_, "stop": fitter.stop_reason_,
-                             "em_passes": em["passes"], "em_maps": em["maps"], "passes": kernels.PASSES[0]})
+                             "em_passes": em["passes"], "em_maps": em["maps"], "em_time": em["time"],
+                             "passes": kernels.PASSES[0]})
     rec = Recorder()
     rec(torch.log(start["alpha"]), start["beta"])
     plain_lbfgs(X, bias, counts, start["alpha"], start["beta"], max_iter, rec)
@@ -139,10 +147,28 @@ def score(X, bias, counts, runs) -> dict:
     return out
 
 
-def gaussian_problem(L: int, K: int, kind: str, seed: int, p: int, N: int):
+def matmul_seconds(X: torch.Tensor, K: int, repeats: int = 20) -> float:
+    """Median time of one ``X @ B`` with ``B (L, K)`` in ``X``'s dtype on ``X``'s device."""
+    B = torch.randn(X.shape[1], K, dtype=X.dtype, device=X.device)
+    times = []
+    for _ in range(repeats + 3):
+        if X.is_cuda:
+            torch.cuda.synchronize(X.device)
+        t = time.perf_counter()
+        X @ B
+        if X.is_cuda:
+            torch.cuda.synchronize(X.device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[3:])
+
+
+def gaussian_problem(L: int, K: int, kind: str, seed: int, p: int, N: int, dtype=torch.float32):
     X = sim.gaussian_design(p, L, seed=seed, dtype=torch.float32)
     truth = sim.random_mixture(K, L, norm=3.0, separation=2.0, min_weight=0.5 / K, seed=seed + 1)
-    counts = TokenCounts.from_dense(sim.sample_counts(sim.make_head(X, truth, dtype=torch.float64), N, seed=seed + 2))
+    # the counts are drawn from the design in the dtype the methods see (bfloat16 rounds the rows)
+    X = X.to(dtype)
+    counts = TokenCounts.from_dense(sim.sample_counts(sim.make_head(X.float(), truth, dtype=torch.float64), N,
+                                                      seed=seed + 2))
     return X, None, counts, truth, _start(truth, kind, seed)
 
 
@@ -180,37 +206,55 @@ def main() -> None:
     ap.add_argument("--no-smollm2", action="store_true")
     ap.add_argument("--only", default=None, help="run the problems whose name contains this")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where every method runs (cpu or cuda)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the Gaussian design's dtype")
+    ap.add_argument("--L", type=int, nargs="+", default=[16, 64, 192, 576], help="the Gaussian designs' widths")
+    ap.add_argument("--K", type=int, nargs="+", default=[2, 5, 8], help="the Gaussian problems' K")
+    ap.add_argument("--starts", nargs="+", default=["near", "far", "random"], choices=["near", "far", "random"])
     ap.add_argument("--out", type=Path, default=RESULTS / "race_lbfgs")
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = [(L, K, kind) for L in (16, 64, 192, 576) for K in (2, 5, 8) for kind in ("near", "far", "random")]
+    grid = [(L, K, kind) for L in args.L for K in args.K for kind in ("near", "far", "random")]
     if args.quick:
         grid = [(16, 2, "near"), (64, 5, "far"), (192, 8, "random")]
         args.p, args.no_smollm2 = 8192, True
     rows_path = args.out.with_suffix(".jsonl")
     done = {}
-    if rows_path.is_file():
+    if rows_path.is_file() and not args.quick:  # a smoke test never reuses recorded rows
         for line in rows_path.read_text().splitlines():
             r = json.loads(line)
             done[r["problem"]] = r
-    problems = [(f"gauss L={L} K={K} {kind}", ("gauss", L, K, kind)) for L, K, kind in grid]
+    size = "" if args.p == 32768 else f"p={args.p} "
+    problems = [(f"gauss {size}L={L} K={K} {kind}", ("gauss", L, K, kind)) for L, K, kind in grid]
     if not args.no_smollm2:
         problems += [(f"smollm2 K={K} {kind}", ("smollm2", 576, K, kind)) for K in (4, 8) for kind in ("near", "far", "random")]
     model_tok = None
+    # every method once on a small problem first: first calls (autograd, CUDA start-up and kernels, lazy
+    # imports) stay out of the clock of the first problem
+    X, bias, counts, truth, start = gaussian_problem(16, 2, "near", 0, 4096, 10_000, getattr(torch, args.dtype))
+    dev = torch.device(args.device)
+    run_methods(X.to(dev), None, counts.to(dev), {k: v.to(dev) for k, v in start.items()}, 2, 30)
     for i, (name, (src, L, K, kind)) in enumerate(problems):
-        if name in done or (args.only and args.only not in name):
+        # seeds follow the position in the whole list, so that a subset runs the same problems
+        if name in done or (args.only and args.only not in name) or kind not in args.starts:
             continue
         if src == "gauss":
-            X, bias, counts, truth, start = gaussian_problem(L, K, kind, 100 + i, args.p, args.N)
+            X, bias, counts, truth, start = gaussian_problem(L, K, kind, 100 + i, args.p, args.N,
+                                                             getattr(torch, args.dtype))
         else:
             if model_tok is None:
                 from torch_softmix import hf
 
                 model_tok = hf.load_smollm2()
             X, bias, counts, truth, start = smollm2_problem(K, kind, 200 + i, args.N, model_tok)
+        dev = torch.device(args.device)
+        X, counts = X.to(dev), counts.to(dev)
+        bias = None if bias is None else bias.to(dev)
+        start = {k: v.to(dev) for k, v in start.items()}
         row = {"problem": name, **score(X, bias, counts, run_methods(X, bias, counts, start, K, args.max_iter))}
+        row.update(device=str(dev), design_dtype=str(X.dtype).removeprefix("torch."), matmul_s=matmul_seconds(X, K))
         row["plain/default"] = row["plain"]["time"] / row["default"]["time"]
         row["qn/default"] = row["qn"]["time"] / row["default"]["time"]
         done[name] = row
@@ -222,17 +266,27 @@ def main() -> None:
     report([done[n] for n, _ in problems if n in done], args)
 
 
+def pass_vs_matmul(r: dict) -> float:
+    """The default fit's seconds per pass over X during EM, over the time of one ``X @ B``."""
+    d = r["default"]
+    if not d.get("em_passes") or not r.get("matmul_s"):
+        return math.nan
+    return d["em_time"] / d["em_passes"] / r["matmul_s"]
+
+
 def report(rows: list[dict], args) -> None:
     def fmt(x: float) -> str:
         return "not reached" if not math.isfinite(x) else f"{x:.2f}"
 
     lines = ["| problem | default (s) | plain L-BFGS f64 (s) | L-BFGS phase alone (s) | plain / default | "
-             "EM maps | passes per EM map | default, whole fit (s) |", "|---|---|---|---|---|---|---|---|"]
+             "EM maps | passes per EM map | default, whole fit (s) | EM time per pass / X @ B |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["default"]
         ppm = d["em_passes"] / d["em_maps"] if d.get("em_maps") else math.nan
         lines.append(f"| {r['problem']} | {fmt(d['time'])} | {fmt(r['plain']['time'])} | {fmt(r['qn']['time'])} | "
-                     f"{fmt(r['plain/default'])} | {d.get('em_maps', 0)} | {ppm:.1f} | {d['total_time']:.2f} |")
+                     f"{fmt(r['plain/default'])} | {d.get('em_maps', 0)} | {ppm:.1f} | {d['total_time']:.2f} | "
+                     f"{pass_vs_matmul(r):.1f} |")
     both = [r["plain/default"] for r in rows if r["default"]["reached"] and r["plain"]["reached"]]
     maps = [r["default"] for r in rows if r["default"].get("em_maps")]
     ppm_all = sum(d["em_passes"] for d in maps) / max(1, sum(d["em_maps"] for d in maps))
@@ -243,6 +297,10 @@ def report(rows: list[dict], args) -> None:
                f"{sum(r['plain']['reached'] for r in rows)}/{len(rows)}, the L-BFGS phase alone on "
                f"{sum(r['qn']['reached'] for r in rows)}/{len(rows)}; EM: {ppm_all:.1f} passes over X per map "
                "(all maps of all problems)")
+    ratios = [x for x in map(pass_vs_matmul, rows) if math.isfinite(x)]
+    if ratios:
+        summary += (f"; EM time per pass over one X @ B: median {statistics.median(ratios):.1f} "
+                    f"({len(ratios)} problems with the timing)")
     text = "\n".join(lines) + summary + "\n"
     print(text)
     if not args.quick:

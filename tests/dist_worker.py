@@ -1,7 +1,9 @@
-"""Tasks run by each rank of the multi-process tests (tests/test_dist.py), with gloo on the CPU.
+"""Tasks run by each rank of the multi-process tests (tests/test_dist.py, gloo on the CPU; tests/test_cuda.py,
+CUDA tensors over NCCL, or gloo when there are fewer GPUs than ranks).
 
 ``python -m tests.dist_worker`` is not a CLI: :func:`launch` starts ``world_size`` processes with
-``torch.multiprocessing`` and each runs :func:`main`, which joins a gloo process group through a file,
+``torch.multiprocessing`` and each runs :func:`main`, which joins a process group (``args['backend']``,
+default gloo) through a file,
 runs the named tasks, and saves each rank's results to ``out_dir/<rank>.pt``. :func:`run_tasks` runs the
 same tasks in the calling process without a process group (the single-process reference).
 """
@@ -36,8 +38,9 @@ def problem(p: int = P):
 
 def _fit_result(fitter, head) -> dict:
     return {
-        "beta": head.beta.detach().clone(),
-        "log_alpha": head.log_alpha.detach().clone(),
+        "device": head.beta.device.type,
+        "beta": head.beta.detach().cpu().clone(),
+        "log_alpha": head.log_alpha.detach().cpu().clone(),
         "objective": fitter.objective_,
         "n_iter": fitter.n_iter_,
         "init_names": fitter.init_names_,
@@ -55,8 +58,9 @@ def fit_task(comm: Comm, args: dict, name: str) -> dict:
         "random-newton": dict(init="random", n_init=2, random_state=1, max_iter=20, m_step="newton", n_moves=0, n_transfers=0),
         "large-vocab": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=25, tol=0, polish_iter=0, n_moves=0, n_transfers=0),
     }[name]
+    device = args.get("device", "cpu")
     fitter = EMFitter(K, **settings)
-    head = fitter.fit(Design(X, comm=comm), counts=counts)
+    head = fitter.fit(Design(X.to(device), comm=comm), counts=counts.to(device))
     return _fit_result(fitter, head)
 
 
@@ -155,8 +159,11 @@ def main(rank: int, world_size: int, tasks: list[str], args: dict) -> None:
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    backend = args.get("backend", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     tdist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{args['init_file']}",
         rank=rank,
         world_size=world_size,

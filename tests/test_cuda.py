@@ -43,3 +43,23 @@ def test_polish_on_cuda_matches_cpu():
     assert gpu.polish_["kept"] and gpu.head_.beta.device.type == "cuda"
     assert abs(gpu.objective_ - cpu.objective_) < 1e-9
     torch.testing.assert_close(gpu.head_.beta.cpu(), cpu.head_.beta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["given", "default"])
+def test_vocabulary_parallel_fit_on_cuda_matches_one_process(task, tmp_path):
+    """Two ranks share the vocabulary of a CUDA fit: NCCL when there are two GPUs, else gloo over CUDA tensors."""
+    from torch_softmix.dist import Comm
+
+    from . import dist_worker as dw
+
+    world = 2
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+    ref = dw.run_tasks(Comm(), [task], {"device": "cuda"})[task]
+    results = dw.launch(world, [task], {"out_dir": str(tmp_path), "device": "cuda", "backend": backend})
+    assert all(r is not None for r in results), f"a rank did not finish ({backend})"
+    assert ref["device"] == "cuda"
+    for rank, res in enumerate(results):
+        got = res[task]
+        assert got["device"] == "cuda" and got["init_names"] == ref["init_names"]
+        torch.testing.assert_close(got["beta"], ref["beta"], rtol=1e-6, atol=1e-9, msg=f"{backend} rank {rank}")
+        assert got["objective"] == pytest.approx(ref["objective"], rel=1e-9)

@@ -18,22 +18,25 @@ from torch import Tensor
 
 #: Default budget, in elements, for the largest per-chunk temporary.
 CHUNK_ELEMENTS = 1 << 20
+#: The same on a GPU, where each chunk costs kernel launches: 2^26 elements (256 MiB in float32).
+CHUNK_ELEMENTS_CUDA = 1 << 26
 #: Passes over ``X`` since the last reset (a pass over ``r`` of the ``p`` rows counts ``r / p``): benchmarks read it.
 PASSES = [0.0]
 
 
-def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk so that a ``(rows, width)`` temporary stays within the budget."""
+def chunk_rows(n_rows: int, width: int, chunk_size: int | None = None, device: torch.device | None = None) -> int:
+    """Rows per chunk so that a ``(rows, width)`` temporary stays within the budget of ``device``."""
     if chunk_size is not None:
         return max(1, int(chunk_size))
-    return max(1, min(max(n_rows, 1), CHUNK_ELEMENTS // max(1, width)))
+    budget = CHUNK_ELEMENTS_CUDA if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, min(max(n_rows, 1), budget // max(1, width)))
 
 
 def row_chunks(X: Tensor, rows: Tensor | None, dtype: torch.dtype, chunk_size: int | None):
     """Yield ``(start, stop, X_chunk)`` over the rows of ``X`` (or ``X[rows]``), cast to ``dtype``."""
     n = X.shape[0] if rows is None else rows.numel()
     PASSES[0] += n / max(1, X.shape[0])
-    step = chunk_rows(n, X.shape[1], chunk_size)
+    step = chunk_rows(n, X.shape[1], chunk_size, X.device)
     for start in range(0, n, step):
         stop = min(n, start + step)
         Xc = X[start:stop] if rows is None else X.index_select(0, rows[start:stop])
