@@ -266,6 +266,10 @@ def main() -> None:
     report([done[n] for n, _ in problems if n in done], args)
 
 
+def fmt_ratio(x: float) -> str:
+    return f"{x:.1f}" if math.isfinite(x) else "–"
+
+
 def pass_vs_matmul(r: dict) -> float:
     """The default fit's seconds per pass over X during EM, over the time of one ``X @ B``."""
     d = r["default"]
@@ -286,7 +290,7 @@ def report(rows: list[dict], args) -> None:
         ppm = d["em_passes"] / d["em_maps"] if d.get("em_maps") else math.nan
         lines.append(f"| {r['problem']} | {fmt(d['time'])} | {fmt(r['plain']['time'])} | {fmt(r['qn']['time'])} | "
                      f"{fmt(r['plain/default'])} | {d.get('em_maps', 0)} | {ppm:.1f} | {d['total_time']:.2f} | "
-                     f"{pass_vs_matmul(r):.1f} |")
+                     f"{fmt_ratio(pass_vs_matmul(r))} |")
     both = [r["plain/default"] for r in rows if r["default"]["reached"] and r["plain"]["reached"]]
     maps = [r["default"] for r in rows if r["default"].get("em_maps")]
     ppm_all = sum(d["em_passes"] for d in maps) / max(1, sum(d["em_maps"] for d in maps))
