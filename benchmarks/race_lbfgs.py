@@ -249,7 +249,6 @@ def main() -> None:
 
                 model_tok = hf.load_smollm2()
             X, bias, counts, truth, start = smollm2_problem(K, kind, 200 + i, args.N, model_tok)
-        dev = torch.device(args.device)
         X, counts = X.to(dev), counts.to(dev)
         bias = None if bias is None else bias.to(dev)
         start = {k: v.to(dev) for k, v in start.items()}
