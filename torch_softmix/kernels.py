@@ -16,10 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .dist import Comm
+
 #: Default budget, in elements, for the largest per-chunk temporary.
 CHUNK_ELEMENTS = 1 << 20
 #: The same on a GPU, where each chunk costs kernel launches: 2^26 elements (256 MiB in float32).
 CHUNK_ELEMENTS_CUDA = 1 << 26
+#: The collectives of a single process (none): where no ``comm`` is given.
+_ONE_RANK = Comm()
 #: Passes over ``X`` since the last reset (a pass over ``r`` of the ``p`` rows counts ``r / p``): benchmarks read it.
 PASSES = [0.0]
 
@@ -87,13 +91,7 @@ def log_normalizer_from_logits(logits_all: Tensor, comm=None) -> Tensor:
     With a :class:`~torch_softmix.dist.Comm` over several ranks, ``logits_all`` holds this rank's rows and
     the result is the log-normaliser over the whole vocabulary (two all-reduces of ``K`` numbers).
     """
-    if comm is not None and comm.distributed:
-        return comm.logsumexp(logits_all, dim=0, name="A")
-    # a max, then a sum of exponentials: on CPU, torch.logsumexp (and amax) along the strided vocabulary axis
-    # of a (p, K) tensor take 3-8 times as long, and the M-step's line search evaluates this for every trial
-    m = logits_all.max(dim=0).values
-    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.log(torch.exp(logits_all - safe).sum(0)) + safe
+    return (comm if comm is not None else _ONE_RANK).logsumexp(logits_all, dim=0, name="A")
 
 
 def probs_from_logits(logits_all: Tensor, A: Tensor, dtype: torch.dtype) -> Tensor:
