@@ -27,11 +27,11 @@ def fit(fabric: L.Fabric, args: argparse.Namespace) -> None:
     truth = sim.random_mixture(args.K, args.L, norm=3.0, separation=2.0, seed=1)
     counts = sim.sample_counts(sim.make_head(X, truth), args.N, seed=2)
     design = Design(X, comm=Comm.from_env())  # the default process group that Fabric set up
-    fitter = EMFitter(args.K, n_init=3, n_moves=0, n_transfers=0, random_state=0)  # moves are single-process for now
+    fitter = EMFitter(args.K, n_init=3, random_state=0)  # the defaults, split-and-merge moves included
     head = fitter.fit(design, counts=counts)
     if fabric.global_rank == 0:
         head.save(args.out)
-        alone = EMFitter(args.K, n_init=3, n_moves=0, n_transfers=0, random_state=0).fit(X, counts=counts)  # one process, no group
+        alone = EMFitter(args.K, n_init=3, random_state=0).fit(X, counts=counts)  # one process, no group
         gap = float((alone.beta - head.beta).detach().abs().max())
         print(
             f"{fabric.world_size} processes, rows per rank {design.hi - design.lo}/{design.vocab_size}: "

@@ -29,9 +29,9 @@ P, L, K = 1001, 6, 3  # 1001 rows: an uneven split over 2 and 3 ranks
 P_LARGE = 9001  # above 4 x curvature.TOP_TOKENS: the block preconditioner is built from each law's top tokens
 
 
-def problem(p: int = P):
+def problem(p: int = P, norm: float = 2.0, separation: float = 1.0):
     X = sim.gaussian_design(p, L, seed=0, dtype=torch.float64)
-    truth = sim.random_mixture(K, L, norm=2.0, separation=1.0, seed=1)
+    truth = sim.random_mixture(K, L, norm=norm, separation=separation, seed=1)
     counts = sim.sample_counts(sim.make_head(X, truth), 50_000, seed=2)
     return X, truth, counts
 
@@ -46,12 +46,25 @@ def _fit_result(fitter, head) -> dict:
         "init_names": fitter.init_names_,
         "init_results": fitter.init_results_,
         "best_init": fitter.best_init_,
+        "moves": fitter.moves_,
     }
 
 
+def merged_and_split(truth: dict) -> dict:
+    """A start in the wrong basin the moves leave: components 0 and 1 share one atom, component 2 has two."""
+    b = truth["beta"]
+    d = torch.randn(L, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = d / d.norm() * 0.2 * float(b[2].norm())
+    return {"alpha": torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64),
+            "beta": torch.stack([(b[0] + b[1]) / 2, b[2] + d, b[2] - d])}  # fmt: skip
+
+
 def fit_task(comm: Comm, args: dict, name: str) -> dict:
-    X, truth, counts = problem(P_LARGE if name == "large-vocab" else P)
+    # further apart for the moves: EM and L-BFGS stay in merged_and_split's basin, 0.6 nats per token below
+    X, truth, counts = problem(P_LARGE if name == "large-vocab" else P, *((4.0, 2.0) if name == "moves" else ()))
     settings = {
+        "moves": dict(init=merged_and_split(truth), random_state=0, max_iter=40, polish_iter=15, n_transfers=0),
+        "seedless": dict(n_init=2, max_iter=30, n_moves=0, n_transfers=0),
         "given": dict(init=sim.perturbed_start(truth, 0.4, seed=3), max_iter=40, tol=1e-13, polish_iter=15, n_moves=0, n_transfers=0),
         "default": dict(n_init=3, random_state=0, max_iter=60, n_moves=0, n_transfers=0),
         "kmeans": dict(init="kmeans", n_init=2, random_state=0, max_iter=30, n_moves=0, n_transfers=0),
@@ -81,7 +94,8 @@ def count_task(comm: Comm, args: dict) -> dict:
             last.clear()
             last.update(now)
 
-        fitter = EMFitter(K, init=truth, accelerate=None, m_step="newton-cg", max_iter=6, tol=0, polish_iter=0)
+        fitter = EMFitter(K, init=truth, accelerate=None, m_step="newton-cg", max_iter=6, tol=0, polish_iter=0,
+                          n_moves=0)  # EM iterations alone
         comm.reset_counts()
         fitter.fit(design, counts=counts, callback=snapshot)
         out[p] = per_iter[1:]  # the first delta also holds the start's E-step
@@ -92,6 +106,21 @@ def count_task(comm: Comm, args: dict) -> dict:
     curvature.BlockPreconditioner.build(design.X, truth["beta"], truth["alpha"], 1.0, None, whitening,
                                         torch.float64, None, comm)  # fmt: skip
     out["build"] = {k: (comm.calls[k], comm.bytes[k]) for k in comm.calls}
+    return out
+
+
+def top_token_task(comm: Comm, args: dict) -> list[int]:
+    """The global id of the most frequent token (:func:`torch_softmix.moves._top_token`) as each rank finds it
+    (``-1`` where another rank holds it), for counts with ties at the top across the ranks' rows."""
+    from torch_softmix.data import TokenCounts
+    from torch_softmix.moves import _top_token
+
+    lo, hi = comm.rows(P)
+    out = []
+    for dense in (torch.arange(P, dtype=torch.float64) % 97, torch.flip(torch.arange(P, dtype=torch.float64), [0])):
+        share = TokenCounts.from_dense(dense).rows(lo, hi)
+        i = _top_token(share, comm, lo)
+        out.append(-1 if i is None else int(share.support[i]) + lo)
     return out
 
 
@@ -143,7 +172,10 @@ TASKS = {
     "kmeans": lambda c, a: fit_task(c, a, "kmeans"),
     "random-newton": lambda c, a: fit_task(c, a, "random-newton"),
     "large-vocab": lambda c, a: fit_task(c, a, "large-vocab"),
+    "moves": lambda c, a: fit_task(c, a, "moves"),
+    "seedless": lambda c, a: fit_task(c, a, "seedless"),
     "count": count_task,
+    "top_token": top_token_task,
     "sample": sample_task,
     "kill": kill_task,
     "resume": resume_task,

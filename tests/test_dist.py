@@ -11,7 +11,7 @@ from torch_softmix.dist import Comm, row_range
 
 from . import dist_worker as dw
 
-FIT_TASKS = ["given", "default", "kmeans", "random-newton", "large-vocab"]
+FIT_TASKS = ["given", "default", "kmeans", "random-newton", "large-vocab", "moves"]
 
 
 def test_row_ranges_cover_the_vocabulary_unevenly():
@@ -38,16 +38,31 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_several_processes_fit_as_one_and_sample_the_same_counts(world_size, reference, tiny_model_dir, tmp_path):
     args = {"out_dir": str(tmp_path), "model_dir": tiny_model_dir}
-    results = dw.launch(world_size, FIT_TASKS + ["count", "sample"], args)
+    results = dw.launch(world_size, FIT_TASKS + ["seedless", "top_token", "count", "sample"], args)
     assert all(r is not None for r in results), "a rank did not finish"
     for name in FIT_TASKS:
         ref = reference[name]
         for rank, res in enumerate(results):
             got = res[name]
             assert got["init_names"] == ref["init_names"], (name, rank)
+            if ref["moves"] is not None:  # the same moves tried and kept on every rank as in one process
+                assert {k: got["moves"][k] for k in ("rounds", "tried", "kept")} == {
+                    k: ref["moves"][k] for k in ("rounds", "tried", "kept")}, (name, rank)  # fmt: skip
             torch.testing.assert_close(got["beta"], ref["beta"], rtol=1e-6, atol=1e-9, msg=f"{name} rank {rank}")
             torch.testing.assert_close(got["log_alpha"], ref["log_alpha"], rtol=1e-6, atol=1e-9)
             assert got["objective"] == pytest.approx(ref["objective"], rel=1e-9)
+    assert reference["moves"]["moves"]["kept"] >= 1  # the moves task leaves its start's basin by a move
+    # the "peak" split's top token over all ranks: the one a single process finds (ties: the smallest id)
+    single = dw.run_tasks(Comm(), ["top_token"], {})["top_token"]
+    assert single == [96, 0]
+    for case, want in enumerate(single):
+        assert sorted(res["top_token"][case] for res in results) == [-1] * (world_size - 1) + [want]
+    # random_state=None: rank 0's fresh seed on every rank, so all ranks fit the same starts (not a mixture of them)
+    seedless = [res["seedless"] for res in results]
+    for got in seedless[1:]:
+        assert got["init_results"] == seedless[0]["init_results"]
+        torch.testing.assert_close(got["beta"], seedless[0]["beta"], rtol=0, atol=0)
+    assert seedless[0]["objective"] == pytest.approx(reference["default"]["objective"], abs=1e-6)
     # the same collectives per EM iteration whatever p: sizes are those of the parameters
     K, L = dw.K, dw.L
     per_iter = results[0]["count"]

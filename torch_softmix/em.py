@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -102,19 +103,21 @@ class EMFitter:
         n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
             ``n_moves`` best-ranked (merge, split) pairs, each split two ways and screened by a few EM
             iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
-            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. Skipped (with a warning) when the
-            vocabulary is shared among ranks.
+            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. With the vocabulary shared among
+            ranks, every rank takes the same moves (the same result as one process).
         n_transfers: after the moves, rounds of *transfers*: a group of one component's frequent tokens (a
             k-means half, or a token with its companions) handed to another component
             (:func:`~torch_softmix.moves.transfer_starts`); the ``n_transfers`` best-scored of each kind are
             screened, continued and kept like the moves (so the fit ends at least as high as without them).
             ``0`` (default): none; ``3`` is what the README's "Limitations" measured on SmolLM2 (what they buy
-            there, and at what price).
+            there, and at what price). One process only: skipped (with a warning) when the vocabulary is
+            shared among ranks.
         checkpoint: a file the run is saved to every ``checkpoint_every`` EM iterations (atomically). If it
             exists when ``fit`` starts, the fit resumes from it (after checking that design, bias, counts and
             settings agree) without recomputing the starts, and ends as an uninterrupted fit would
             (bit-exact on CPU). With several starts, it covers the run continued after screening.
-        random_state: seed (int), ``torch.Generator``, or ``None`` (a fresh seed each fit).
+        random_state: seed (int), ``torch.Generator``, or ``None`` (a fresh seed each fit; over several ranks,
+            rank 0's, so that all ranks draw the same starts).
         device: where to compute (default: the embedding's). dtype: compute dtype (float32 for
             half-precision embeddings, else the embedding's). Likelihoods are always float64.
         progress: progress bars (tqdm) for screening, EM and the L-BFGS phase.
@@ -239,10 +242,18 @@ class EMFitter:
         req.ridge, req.mom_method = self.ridge, self.mom_method
         return make_starts(self.init, req)
 
-    def _moves_generator(self) -> torch.Generator:
+    def _random_state(self, problem: FitProblem) -> int | torch.Generator | None:
+        """``random_state``, with ``None`` resolved once for all ranks when the vocabulary is shared among them:
+        every rank must draw the same starts and moves, so rank 0's fresh seed is broadcast."""
+        if self.random_state is not None or not problem.comm.distributed:
+            return self.random_state
+        seed = torch.tensor([torch.Generator().seed() % 2**62], dtype=torch.int64, device=problem.design.device)
+        return int(problem.comm.broadcast(seed, name="seed"))
+
+    @staticmethod
+    def _moves_generator(random_state: int | torch.Generator | None) -> torch.Generator:
         """The split moves' own random stream, derived from ``random_state`` (so a resumed fit draws the same)."""
-        rs = self.random_state
-        seed = rs.initial_seed() if isinstance(rs, torch.Generator) else rs
+        seed = random_state.initial_seed() if isinstance(random_state, torch.Generator) else random_state
         return make_generator(None if seed is None else int(seed) + 1)
 
     # ------------------------------------------------------------------ fit
@@ -273,23 +284,24 @@ class EMFitter:
             ckpt = Checkpointer(self.checkpoint, key, self.checkpoint_every, comm=problem.comm)
         sched = Schedule(self.max_iter, self.init_max_iter, self.accelerate, self.polish_iter, self.switch_rate,
                          self.n_moves, self.n_transfers)
+        random_state = self._random_state(problem)
         with Bars(self.progress and problem.comm.rank == 0, f"K={self.n_components}") as bars:
             if saved is not None:
                 result, record = resume_run(problem, saved, sched, bars, ckpt, callback)
             else:
-                starts, info = self._starts(problem, make_generator(self.random_state))
+                starts, info = self._starts(problem, make_generator(random_state))
                 result, record = screen_and_continue(problem, starts, info, sched, bars, ckpt, callback)
             polish_info, moves_info = None, None
             best = record["init_names"][record["best_init"]]
             if self.polish_iter > 0:
                 result, polish_info = polish_phase(problem, result, sched, bars, callback, best)
-            if self.n_moves + self.n_transfers > 0 and self.n_components > 1:
-                if problem.comm.distributed:  # not yet made rank-consistent: see README "Limitations"
-                    warnings.warn("split-and-merge moves are skipped when the vocabulary is shared among ranks; "
-                                  "pass n_moves=0 (and n_transfers=0) to silence this", RuntimeWarning,
-                                  stacklevel=3)  # fmt: skip
-                else:
-                    result, moves_info = refine(problem, result, sched, bars, callback, self._moves_generator(), best)
+            if self.n_transfers > 0 and problem.comm.distributed:  # one process only: see README "Limitations"
+                warnings.warn("transfers are skipped when the vocabulary is shared among ranks (the split-and-merge "
+                              "moves still run); pass n_transfers=0 to silence this", RuntimeWarning, stacklevel=3)
+                sched = replace(sched, n_transfers=0)
+            if sched.n_moves + sched.n_transfers > 0 and self.n_components > 1:
+                gen = self._moves_generator(random_state)
+                result, moves_info = refine(problem, result, sched, bars, callback, gen, best)
         return self._finish(problem, result, record, polish_info, moves_info)
 
     def _finish(self, problem: FitProblem, result: RunResult, record: dict, polish_info: dict | None,

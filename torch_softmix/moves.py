@@ -122,6 +122,22 @@ def _merged_atom(problem: FitProblem, beta: Tensor, R: Tensor, W: Tensor) -> Ten
     return state.beta[0]
 
 
+def _top_token(data: TokenCounts, comm, offset: int) -> int | None:
+    """The position in ``data`` of its most frequent token over the whole vocabulary (ties: the smallest id, as
+    ``argmax`` over one process's sorted support), or ``None`` when another rank holds it (``data``: this rank's
+    rows, starting at global row ``offset``)."""
+    if comm is None or not comm.distributed:
+        return int(torch.argmax(data.values))
+    mine = data.values.new_zeros((0, 2))
+    if data.n_distinct:
+        i = int(torch.argmax(data.values))
+        mine = torch.stack([data.values[i], (data.support[i] + offset).to(data.values.dtype)])[None]
+    every = torch.cat(comm.gather(mine, "moves_peak"))
+    best = every[every[:, 0] == every[:, 0].max()][:, 1].min()  # the largest count, then the smallest id
+    mine_best = (data.support + offset).to(data.values.dtype) == best
+    return int(torch.nonzero(mine_best)[0]) if bool(mine_best.any()) else None
+
+
 def _split(problem: FitProblem, R: Tensor, gen: torch.Generator, how: str) -> tuple[Tensor, Tensor]:
     """Two components ``(alpha (2,), beta (2, L))`` for the data ``R (S,)``, then a short EM on that data alone.
 
@@ -136,10 +152,11 @@ def _split(problem: FitProblem, R: Tensor, gen: torch.Generator, how: str) -> tu
                                                                                 "moves_n")))  # fmt: skip
     d = problem.design
     if how == "peak":
-        top = int(torch.argmax(data.values))  # (one rank's top token when the rows are shared: a start only)
         groups = torch.zeros(data.n_distinct, 2, dtype=torch.float64, device=R.device)
         groups[:, 1] = data.values
-        groups[top] = torch.stack([data.values[top], data.values.new_zeros(())])
+        top = _top_token(data, problem.comm, problem.design.lo)
+        if top is not None:  # on the rank that holds it
+            groups[top] = torch.stack([data.values[top], data.values.new_zeros(())])
         W = kernels.allsum(groups.sum(0), problem.comm, "moves_W2")
         beta = torch.stack([_merged_atom(sub, torch.zeros_like(d.whitening.mean), groups[:, g], W[g]) for g in (0, 1)])
         alpha = W / W.sum()
@@ -232,8 +249,8 @@ def transfer_starts(problem: FitProblem, point: Point, n: int, gen: torch.Genera
     * ``"halves"``: the two k-means halves of ``a``'s tokens, each offered to every ``b``;
     * ``"companions"``: a frequent token with its companions (:func:`_companions`), offered to one ``b``.
 
-    One process only (the moves are skipped when the vocabulary is shared among ranks). Cost: the block
-    preconditioner and the component means once, then about ``8 TRANSFER_STEPS`` passes over ``X`` per
+    One process only (the fit skips transfers, not moves, when the vocabulary is shared among ranks). Cost: the
+    block preconditioner and the component means once, then about ``8 TRANSFER_STEPS`` passes over ``X`` per
     :data:`TRANSFER_BATCH` transfers, for ``2 K (K - 1) (1 + TRANSFER_LEADS len(TRANSFER_COMPANIONS))``
     transfers.
     """

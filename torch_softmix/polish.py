@@ -141,6 +141,12 @@ class _Marginal:
         return -torch.cat([(g_beta @ self.Wh).flatten(), g_u]) / self.N
 
 
+def _max_abs(t: Tensor, comm) -> Tensor:
+    """``max |t|`` over this rank's rows, or over all ranks' with a ``comm`` (one all-reduce of one number)."""
+    local = t.abs().max().reshape(1) if t.numel() else t.new_zeros(1)
+    return comm.max(local, "max_abs") if comm is not None and comm.distributed else local
+
+
 def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale) -> Tensor:
     """``-H g`` by the L-BFGS two-loop recursion with initial inverse Hessian ``c * H0`` (``H0``: ``diag(scale)``
     for a tensor ``scale``, else the callable ``scale(v) = H0 v``)."""
@@ -285,7 +291,8 @@ def polish(
 
         slope0 = float(g @ d)
         # without curvature pairs the step's scale is unknown: start the search at a unit change of the logits
-        t0 = 1.0 if memory else min(1.0, 1.0 / max(float(XD.abs().max()), 1e-12))
+        # (the largest change over the whole vocabulary: every rank must start the same search)
+        t0 = 1.0 if memory else min(1.0, 1.0 / max(float(_max_abs(XD, comm)), 1e-12))
         found = _line_search(phi, point.f, slope0, t0)
         n_iter += 1
         if found is None:
