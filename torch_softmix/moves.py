@@ -41,7 +41,7 @@ from .data import TokenCounts
 from .engine import FitProblem, Point, run
 from .mstep import AtomState, diagonal_solver, newton_m_step
 from .objective import per_token_objective
-from .starts import kmeans_start, weighted_kmeans
+from .starts import frequent_rows, kmeans_start, weighted_kmeans
 
 #: EM iterations of the two-component fit that splits one component's data.
 SPLIT_EM_ITERS = 20
@@ -122,20 +122,13 @@ def _merged_atom(problem: FitProblem, beta: Tensor, R: Tensor, W: Tensor) -> Ten
     return state.beta[0]
 
 
-def _top_token(data: TokenCounts, comm, offset: int) -> int | None:
-    """The position in ``data`` of its most frequent token over the whole vocabulary (ties: the smallest id, as
-    ``argmax`` over one process's sorted support), or ``None`` when another rank holds it (``data``: this rank's
-    rows, starting at global row ``offset``)."""
-    if comm is None or not comm.distributed:
-        return int(torch.argmax(data.values))
-    mine = data.values.new_zeros((0, 2))
-    if data.n_distinct:
-        i = int(torch.argmax(data.values))
-        mine = torch.stack([data.values[i], (data.support[i] + offset).to(data.values.dtype)])[None]
-    every = torch.cat(comm.gather(mine, "moves_peak"))
-    best = every[every[:, 0] == every[:, 0].max()][:, 1].min()  # the largest count, then the smallest id
-    mine_best = (data.support + offset).to(data.values.dtype) == best
-    return int(torch.nonzero(mine_best)[0]) if bool(mine_best.any()) else None
+def _top_token(problem: FitProblem, data: TokenCounts) -> int | None:
+    """The position in ``data`` (this rank's rows) of its most frequent token over the whole vocabulary, ties
+    broken by id as in one process (:func:`~torch_softmix.starts.frequent_rows`), or ``None`` when another rank
+    holds it."""
+    ids, _, _ = frequent_rows(problem.X, data, 1, problem.comm, problem.design.lo)
+    mine = torch.nonzero(data.support + problem.design.lo == ids[0])
+    return int(mine[0]) if mine.numel() else None
 
 
 def _split(problem: FitProblem, R: Tensor, gen: torch.Generator, how: str) -> tuple[Tensor, Tensor]:
@@ -154,7 +147,7 @@ def _split(problem: FitProblem, R: Tensor, gen: torch.Generator, how: str) -> tu
     if how == "peak":
         groups = torch.zeros(data.n_distinct, 2, dtype=torch.float64, device=R.device)
         groups[:, 1] = data.values
-        top = _top_token(data, problem.comm, problem.design.lo)
+        top = _top_token(problem, data)
         if top is not None:  # on the rank that holds it
             groups[top] = torch.stack([data.values[top], data.values.new_zeros(())])
         W = kernels.allsum(groups.sum(0), problem.comm, "moves_W2")

@@ -53,8 +53,11 @@ def random_start(
     return torch.full((n_components,), 1.0 / n_components, dtype=torch.float64), beta
 
 
-def frequent_rows(X: Tensor, counts: TokenCounts, top: int, comm=None, offset: int = 0) -> tuple[Tensor, Tensor]:
-    """The counts ``(T,)`` and rows ``(T, L)`` (float64) of the ``top`` most frequent tokens, ties broken by id.
+def frequent_rows(
+    X: Tensor, counts: TokenCounts, top: int, comm=None, offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The global ids ``(T,)`` (int64), counts ``(T,)`` and rows ``(T, L)`` (float64) of the ``top`` most frequent
+    tokens, ties broken by id.
 
     With a ``comm`` over several ranks each rank proposes its own ``top`` and the global ones are kept, in
     the same order as a single process would find them.
@@ -63,13 +66,12 @@ def frequent_rows(X: Tensor, counts: TokenCounts, top: int, comm=None, offset: i
     order = order[:top]
     ids = (counts.support[order] + offset).to(torch.float64)
     local = torch.cat([ids[:, None], counts.values[order, None], X.index_select(0, counts.support[order]).double()], 1)
-    if comm is None or not comm.distributed:
-        return local[:, 1], local[:, 2:]
-    every = torch.cat(comm.gather(local, "frequent_rows"))
-    every = every[torch.argsort(every[:, 0])]  # by id, then stably by count
-    _, order = torch.sort(every[:, 1], descending=True, stable=True)
-    every = every[order[:top]]
-    return every[:, 1], every[:, 2:]
+    if comm is not None and comm.distributed:
+        every = torch.cat(comm.gather(local, "frequent_rows"))
+        every = every[torch.argsort(every[:, 0])]  # by id, then stably by count
+        _, order = torch.sort(every[:, 1], descending=True, stable=True)
+        local = every[order[:top]]
+    return local[:, 0].long(), local[:, 1], local[:, 2:]
 
 
 def weighted_kmeans(Y: Tensor, w: Tensor, K: int, gen: torch.Generator, n_iter: int = 30) -> tuple[Tensor, Tensor]:
@@ -129,7 +131,7 @@ def kmeans_start(
     tokens are gathered from every rank (``top x (L + 2)`` numbers per rank, once).
     """
     K = n_components
-    weights, Xs = frequent_rows(X, counts, max(K, top), comm, offset)
+    _, weights, Xs = frequent_rows(X, counts, max(K, top), comm, offset)
     if weights.numel() < K:
         raise ValueError(f"k-means start needs at least K = {K} distinct tokens, got {weights.numel()}")
     feats = Xs - kernels.column_mean(X, comm=comm).to(Xs) if whitening is None else (Xs - whitening.mean) @ whitening.W
