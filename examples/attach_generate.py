@@ -13,6 +13,7 @@ About 55 s on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-tokens", type=int, default=100_000)
     ap.add_argument("--polish-iter", type=int, default=2000)
+    n_moves = inspect.signature(EMFitter).parameters["n_moves"].default  # the fitter's own default
+    ap.add_argument("--n-moves", type=int, default=n_moves, help="split-and-merge rounds (EMFitter n_moves; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     tune_memory_allocator()  # keep freed memory in the process: passes over the vocabulary stop page-faulting
@@ -36,7 +39,7 @@ def main() -> None:
     model, tok = hf.load_smollm2()
     design = hf.output_design(model)
     sample = hf.sample_next_tokens(model, tok, PROMPTS, args.n_tokens, weights=[0.6, 0.4], seed=args.seed)
-    head = EMFitter(2, random_state=args.seed, polish_iter=args.polish_iter).fit(design.X, counts=sample.counts, bias=design.bias)
+    head = EMFitter(2, random_state=args.seed, polish_iter=args.polish_iter, n_moves=args.n_moves).fit(design.X, counts=sample.counts, bias=design.bias)
     print(f"fitted K=2 on {args.n_tokens:,} tokens; weights {[round(float(a), 3) for a in head.alpha]} "
           f"({time.perf_counter() - t0:.1f} s)")
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--val-tokens", type=int, default=4_000)
     ap.add_argument("--em-tokens", type=int, default=50_000)
     ap.add_argument("--polish-iter", type=int, default=2000)
+    n_moves = inspect.signature(EMFitter).parameters["n_moves"].default  # the fitter's own default
+    ap.add_argument("--n-moves", type=int, default=n_moves, help="split-and-merge rounds (EMFitter n_moves; 0: none)")
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--offset-scale", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +68,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     tokens = sample_at_states(design.X, hidden, args.em_tokens, design.bias, generator=gen)
     counts = TokenCounts.from_tokens(tokens, design.X.shape[0])
-    fitted = EMFitter(args.K, random_state=args.seed, polish_iter=args.polish_iter).fit(
+    fitted = EMFitter(args.K, random_state=args.seed, polish_iter=args.polish_iter, n_moves=args.n_moves).fit(
         design.X, counts=counts, bias=design.bias
     )
     print(f"EM fit: K={args.K}, weights {[round(float(a), 3) for a in fitted.alpha]}")

@@ -9,12 +9,13 @@ prints each component's top tokens next to the true component's, saves the head 
 (model load and sampling ~17 s, fit ~70 s). With N = 2e5 the fit is close to, not on, the truth
 (TV ~0.02); ``softmix demo`` shows N = 10^6.
 
-    python examples/smollm2_next_tokens.py [--n-tokens 200000] [--n-init 4] [--polish-iter 1000] [--out DIR]
+    python examples/smollm2_next_tokens.py [--n-tokens 200000] [--n-init 4] [--polish-iter 1000] [--n-moves N] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 import time
 
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-init", type=int, default=4)
     ap.add_argument("--polish-iter", type=int, default=1000)
+    n_moves = inspect.signature(EMFitter).parameters["n_moves"].default  # the fitter's own default
+    ap.add_argument("--n-moves", type=int, default=n_moves, help="split-and-merge rounds (EMFitter n_moves; 0: none)")
     ap.add_argument("--out", default=None, help="folder for the fitted head (default: a temporary folder)")
     args = ap.parse_args()
     tune_memory_allocator()  # keep freed memory in the process: passes over the vocabulary stop page-faulting
@@ -59,7 +62,7 @@ def main() -> None:
     t1 = time.perf_counter()
     # EMFitter's defaults: MoM and k-means starts screened by EM, L-BFGS on the marginal likelihood, then
     # split-and-merge moves while one raises the objective.
-    fitter = EMFitter(len(PROMPTS), n_init=args.n_init, polish_iter=args.polish_iter, random_state=args.seed)
+    fitter = EMFitter(len(PROMPTS), n_init=args.n_init, polish_iter=args.polish_iter, n_moves=args.n_moves, random_state=args.seed)
     head = fitter.fit(design.X, counts=sample.counts, bias=design.bias)
     print(f"fit: {fitter.n_iter_} EM + {fitter.polish_['n_iter']} L-BFGS iterations in {time.perf_counter() - t1:.1f} s, "
           f"loglik/token {fitter.lower_bound_:.5f} (truth {float(true_head.loglik(sample.counts)) / args.n_tokens:.5f}), "

@@ -10,12 +10,13 @@ the default ~2 000 tokens K = 1 wins on both held-out likelihood and BIC (the fi
 training likelihood up, held-out down). Sample more (``--n-sequences``) before asking for more components.
 About 2.7 minutes on a 2-core CPU with the defaults (generation ~20 s, fits ~2 min).
 
-    python examples/streams.py [--n-sequences 32] [--max-new-tokens 64] [--max-k 3] [--polish-iter 500] [--out streams/]
+    python examples/streams.py [--n-sequences 32] [--max-new-tokens 64] [--max-k 3] [--polish-iter 500] [--n-moves N] [--out streams/]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-k", type=int, default=3)
     ap.add_argument("--polish-iter", type=int, default=500)
+    n_moves = inspect.signature(EMFitter).parameters["n_moves"].default  # the fitter's own default
+    ap.add_argument("--n-moves", type=int, default=n_moves, help="split-and-merge rounds (EMFitter n_moves; 0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder for the shards (default: a temporary folder)")
     args = ap.parse_args()
@@ -61,7 +64,7 @@ def main() -> None:
     print(f"\n{'K':>3}{'train ll/tok':>14}{'held-out ll/tok':>17}{'BIC':>14}{'iters':>7}{'sec':>7}")
     for K in range(1, args.max_k + 1):
         t1 = time.perf_counter()
-        fitter = EMFitter(K, random_state=args.seed, polish_iter=args.polish_iter)
+        fitter = EMFitter(K, random_state=args.seed, polish_iter=args.polish_iter, n_moves=args.n_moves)
         head = fitter.fit(design.X, counts=counts, bias=design.bias)
         ll = float(head.loglik(counts))
         bic = sim.information_criteria(ll, K, design.X.shape[1], counts.total)["bic"]

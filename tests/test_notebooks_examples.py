@@ -41,7 +41,7 @@ def test_select_k_example_picks_the_truth():
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_example():
-    out = run_example("smollm2_next_tokens.py", "--n-tokens", "20000", "--n-init", "2", "--polish-iter", "20")
+    out = run_example("smollm2_next_tokens.py", "--n-tokens", "20000", "--n-init", "2", "--polish-iter", "20", "--n-moves", "0")
     assert "parameters bit-identical = True" in out
     assert out.count("  true: ") == 4 and out.count("  fit:  ") == 4
 
@@ -49,7 +49,7 @@ def test_smollm2_example():
 @pytest.mark.slow
 @needs_smollm2
 def test_attach_generate_example():
-    out = run_example("attach_generate.py", "--n-tokens", "20000", "--polish-iter", "20")
+    out = run_example("attach_generate.py", "--n-tokens", "20000", "--polish-iter", "20", "--n-moves", "0")
     assert "original logits restored exactly = True" in out
     assert "parameters bit-identical = True" in out
 
@@ -57,7 +57,8 @@ def test_attach_generate_example():
 @pytest.mark.slow
 @needs_smollm2
 def test_streams_example(tmp_path):
-    args = ["--n-sequences", "4", "--max-new-tokens", "16", "--max-k", "2", "--polish-iter", "5", "--out", str(tmp_path)]
+    args = ["--n-sequences", "4", "--max-new-tokens", "16", "--max-k", "2", "--polish-iter", "5", "--n-moves", "0",
+            "--out", str(tmp_path)]
     out = run_example("streams.py", *args)
     assert len(list((tmp_path / "train").glob("*.safetensors"))) >= 1
     assert (tmp_path / "train" / "sampler.json").is_file()
@@ -74,7 +75,7 @@ def test_streams_example(tmp_path):
 def test_mos_head_example(tmp_path):
     pytest.importorskip("lightning")
     args = ["--train-tokens", "2000", "--val-tokens", "600", "--em-tokens", "5000", "--polish-iter", "20",
-            "--max-steps", "4", "--out", str(tmp_path)]
+            "--n-moves", "0", "--max-steps", "4", "--out", str(tmp_path)]
     out = run_example("mos_head.py", *args)
     assert "outputs identical = True" in out and "generated with the conditional head" in out
     assert (tmp_path / "last" / "mos_head.safetensors").is_file()

@@ -32,10 +32,36 @@ def test_design_and_true_atoms(smollm2):
     torch.testing.assert_close(law, hf.next_token_log_probs(model, tok, prompts), rtol=0, atol=2e-4)
 
 
+def test_gguf_is_dequantized_once_and_cached_bit_for_bit(tmp_path, monkeypatch):
+    """The first load converts the GGUF file and caches it; the second reads the cache and gives the same model,
+    tokenizer and name; an unwritable cache warns and still loads."""
+    from torch_softmix import hf
+
+    monkeypatch.setenv("TORCH_SOFTMIX_CACHE", str(tmp_path / "cache"))
+    converted, tok0 = hf.load_smollm2()
+    assert getattr(converted.config, "quantization_config", None) is not None  # read from the GGUF file
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".partial")
+    cached, tok1 = hf.load_smollm2()
+    assert getattr(cached.config, "quantization_config", None) is None  # read from the cache
+    a, b = converted.state_dict(), cached.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cached.get_output_embeddings().weight.data_ptr() == cached.get_input_embeddings().weight.data_ptr()
+    text = "def fibonacci(n):\n    héllo 🤖 <|im_start|>"
+    assert tok0(text)["input_ids"] == tok1(text)["input_ids"] and tok0.pad_token == tok1.pad_token
+    assert hf.output_design(converted).identity == hf.output_design(cached).identity  # named after the GGUF file
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("TORCH_SOFTMIX_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.warns(UserWarning, match="TORCH_SOFTMIX_CACHE"):
+        again, _ = hf.load_smollm2()
+    assert torch.equal(again.get_output_embeddings().weight, cached.get_output_embeddings().weight)
+
+
 def test_demo_path_runs(smollm2):
     from torch_softmix.cli import print_demo, run_demo
 
-    r = run_demo(n_tokens=20_000, n_heldout=20_000, progress=False, polish_iter=50)
+    r = run_demo(n_tokens=20_000, n_heldout=20_000, progress=False, n_moves=0)  # the moves are tested below
     print_demo(r)
     assert len(r["fit"]["component_kl"]) == 4
     assert all(math.isfinite(v) for v in r["heldout_loglik"].values())

