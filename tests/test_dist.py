@@ -69,12 +69,12 @@ def test_several_processes_fit_as_one_and_sample_the_same_counts(world_size, ref
     for p in (1001, 4003):
         for it in per_iter[p]:
             sizes = {name: b // max(c, 1) for name, (c, b) in it.items() if c}
-            assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + K * L)
-            assert it["softmax_mean"][0] == 1 and sizes["softmax_mean"] == 8 * K * L
+            # the counts cover most rows: the E-step's all-reduce carries the M-step's softmax means too
+            assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + 2 * K * L) and "softmax_mean" not in it
             # the block preconditioner built at the first M-step replaces the diagonal one (no cg_diag)
             assert "cg_diag" not in sizes and sizes["cg_matvec"] == 8 * K * L
             assert sizes["A:max"] == sizes["A:sum"] == 8 * K and it["A:max"][0] == it["A:sum"][0] >= 1
-            assert set(sizes) <= {"e_step", "softmax_mean", "cg_matvec", "A:max", "A:sum"}
+            assert set(sizes) <= {"e_step", "cg_matvec", "A:max", "A:sum"}
     assert [sorted(i) for i in per_iter[1001]] == [sorted(i) for i in per_iter[4003]]
     # its rebuild from the top tokens of a large vocabulary: parameter-sized collectives only
     build = results[0]["count"]["build"]

@@ -166,3 +166,49 @@ def test_lower_bound_is_the_loglik_of_the_returned_head_in_float32():
     N = float(counts.sum())
     assert head.beta.dtype == torch.float32
     assert math.isclose(fitter.lower_bound_, float(head.loglik(counts)) / N, rel_tol=1e-13, abs_tol=0)
+
+
+def test_fused_e_step_forms_the_statistics_and_the_softmax_means_in_one_pass():
+    from torch_softmix import kernels
+
+    X, b, truth, counts = _problem(p=4000, N=15_000, bias=True)  # about 60% of the rows have counts
+    c = TokenCounts.from_dense(counts)
+    beta = truth["beta"] + 0.3
+    lg = kernels.logits(X, beta, b)
+    A = kernels.log_normalizer_from_logits(lg)
+    log_alpha = torch.log(truth["alpha"])
+    before = kernels.PASSES[0]
+    apart = kernels.e_step_from_logits(X, lg.index_select(0, c.support), log_alpha, A, c.support, c.values, X.dtype)
+    mean = kernels.weighted_sum(X, kernels.probs_from_logits(lg, A, X.dtype))
+    passes_apart, before = kernels.PASSES[0] - before, kernels.PASSES[0]
+    fused = kernels.e_step_with_mean(X, lg, log_alpha, A, c.support, c.values, X.dtype)
+    assert kernels.PASSES[0] - before == 1.0 and passes_apart == pytest.approx(1 + c.n_distinct / 4000)
+    assert 0.5 < c.n_distinct / 4000 < 0.9 and apart.mean is None
+    torch.testing.assert_close(fused.loglik, apart.loglik, rtol=1e-14, atol=0)
+    torch.testing.assert_close(fused.W, apart.W, rtol=1e-14, atol=0)
+    torch.testing.assert_close(fused.S1, apart.S1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.mean, mean, rtol=1e-12, atol=1e-12)
+    small = kernels.e_step_with_mean(X, lg, log_alpha, A, c.support, c.values, X.dtype, chunk_size=97)  # 42 chunks
+    torch.testing.assert_close(small.S1, apart.S1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(small.mean, mean, rtol=1e-12, atol=1e-12)
+
+
+def test_em_with_and_without_the_fused_pass_takes_the_same_path(monkeypatch):
+    from torch_softmix import kernels
+
+    X, b, truth, counts = _problem(dtype=torch.float32, L=40, bias=True)
+    start = sim.perturbed_start(truth, 0.5, seed=3)
+    fits = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(kernels, "FUSE_MIN_SUPPORT", 0.5 if fuse else math.inf)
+        problem = FitProblem(Design(X, b), TokenCounts.from_dense(counts), torch.float32, m_step="newton-cg", tol=0)
+        assert problem.fuse_mean == fuse
+        kernels.PASSES[0] = 0.0
+        fits[fuse] = run(problem, problem.evaluate(problem.state(start["alpha"], start["beta"])), 12)
+        fits[fuse].passes = kernels.PASSES[0]
+    on, off = fits[True], fits[False]
+    assert on.n_iter == off.n_iter == 12
+    for h_on, h_off in zip(on.history, off.history):  # the same iterates, to float32 rounding
+        assert h_on["objective"] == pytest.approx(h_off["objective"], abs=1e-6)
+    torch.testing.assert_close(on.state.beta, off.state.beta, rtol=1e-3, atol=1e-3)
+    assert on.passes < off.passes - 0.5 * on.n_iter  # the support's pass saved at every M-step

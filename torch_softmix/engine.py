@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -108,6 +109,15 @@ class FitProblem:
         """The ridge in units of the total objective: ``ridge * N``."""
         return self.ridge * self.n_tokens
 
+    @cached_property
+    def fuse_mean(self) -> bool:
+        """Whether the E-step also forms the M-step's softmax means, in one pass over all rows: where the
+        counts' support covers enough of the vocabulary (:func:`~torch_softmix.kernels.fuse_pays`, over all ranks,
+        so that every rank decides alike: one all-reduce of two numbers, the first time it is asked)."""
+        sizes = torch.tensor([self.counts.support.numel(), self.X.shape[0]], dtype=torch.float64)
+        sizes = kernels.allsum(sizes.to(self.design.device), self.comm, "support")
+        return kernels.fuse_pays(float(sizes[0]), float(sizes[1]))
+
     # ------------------------------------------------------------------ states
     def state(self, alpha: Tensor, beta: Tensor) -> State:
         """A fresh state at weights ``alpha (K,)`` (normalised) and atoms ``beta (K, L)``: one pass over ``X``."""
@@ -131,15 +141,21 @@ class FitProblem:
 
 # ---------------------------------------------------------------------- steps
 def e_step(problem: FitProblem, state: State) -> kernels.EStepStats:
-    """Sufficient statistics ``W (K,)``, ``S1 (K, L)`` and the log-likelihood, on the support of the counts.
+    """Sufficient statistics ``W (K,)``, ``S1 (K, L)`` and the log-likelihood, on the support of the counts, and
+    (where :attr:`FitProblem.fuse_mean`) the softmax means the next M-step starts from, in the same pass.
 
-    With rows shared among ranks, the three are one all-reduce of ``1 + K + K L`` numbers.
+    With rows shared among ranks, they are one all-reduce of ``1 + K + K L`` numbers (``+ K L`` with the means).
     """
-    c = problem.counts
-    lg = state.atoms.logits.index_select(0, c.support)
-    stats = kernels.e_step_from_logits(
-        problem.X, lg, state.log_alpha, state.atoms.A, c.support, c.values, problem.dtype, problem.chunk_size
-    )
+    c, atoms = problem.counts, state.atoms
+    if problem.fuse_mean:
+        stats = kernels.e_step_with_mean(
+            problem.X, atoms.logits, state.log_alpha, atoms.A, c.support, c.values, problem.dtype, problem.chunk_size
+        )
+    else:
+        lg = atoms.logits.index_select(0, c.support)
+        stats = kernels.e_step_from_logits(
+            problem.X, lg, state.log_alpha, atoms.A, c.support, c.values, problem.dtype, problem.chunk_size
+        )
     return kernels.reduce_stats(stats, problem.comm)
 
 
@@ -165,6 +181,7 @@ def m_step(problem: FitProblem, point: Point) -> tuple[State, dict]:
         precondition=blocks,
         bias=problem.bias,
         whitening=problem.design.whitening if blocks else None,
+        mean=stats.mean,
     )
     log_alpha = torch.log(stats.W) - math.log(problem.n_tokens)
     return State(log_alpha, atoms), {"step_sizes": info.step_sizes, "passes": info.passes, "cg_iters": info.cg_iters}

@@ -24,6 +24,10 @@ CHUNK_ELEMENTS = 1 << 20
 CHUNK_ELEMENTS_CUDA = 1 << 26
 #: The collectives of a single process (none): where no ``comm`` is given.
 _ONE_RANK = Comm()
+#: Where the counts' support holds at least this share of the rows, the E-step's statistics and the softmax means
+#: at the same atoms are formed in one pass over all rows (:func:`e_step_with_mean`) rather than one over the
+#: support's rows and another over all rows (:func:`fuse_pays`).
+FUSE_MIN_SUPPORT = 0.5
 #: Passes over ``X`` since the last reset (a pass over ``r`` of the ``p`` rows counts ``r / p``): benchmarks read it.
 PASSES = [0.0]
 
@@ -176,12 +180,22 @@ class EStepStats:
     """Sufficient statistics of one E-step (docs/MATH.md §3).
 
     ``loglik`` float64 scalar ``sum_j n_j log pi_j``; ``W (K,)`` float64 ``sum_j n_j gamma_jk``;
-    ``S1 (K, L)`` ``sum_j n_j gamma_jk x_j`` (so ``mu_k = S1_k / W_k``).
+    ``S1 (K, L)`` ``sum_j n_j gamma_jk x_j`` (so ``mu_k = S1_k / W_k``). ``mean (K, L)``: the softmax means
+    ``m_k = sum_j s_jk x_j`` at the same atoms when :func:`e_step_with_mean` formed them in the same pass (the
+    M-step's first gradient needs them), else ``None``.
     """
 
     loglik: Tensor
     W: Tensor
     S1: Tensor
+    mean: Tensor | None = None
+
+
+def _responsibilities(logits_support: Tensor, log_alpha: Tensor, A: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_j n_j log pi_j, n_j gamma_jk (S, K))`` from the support's logits ``(S, K)`` float64."""
+    joint = logits_support + (log_alpha.to(torch.float64) - A.to(torch.float64))  # log alpha_k s_k(j)
+    log_pi = torch.logsumexp(joint, dim=1)
+    return (n * log_pi).sum(), n[:, None] * torch.exp(joint - log_pi[:, None])
 
 
 def e_step_from_logits(
@@ -200,21 +214,66 @@ def e_step_from_logits(
     ``support (S,)`` with counts ``n (S,)``, from the support's logits ``(S, K)`` float64.
     ``S1`` is formed in ``dtype`` with one product over the support's rows.
     """
-    joint = logits_support + (log_alpha.to(torch.float64) - A.to(torch.float64))  # log alpha_k s_k(j)
-    log_pi = torch.logsumexp(joint, dim=1)
-    ngamma = n[:, None] * torch.exp(joint - log_pi[:, None])  # (S, K)
+    loglik, ngamma = _responsibilities(logits_support, log_alpha, A, n)
     S1 = weighted_sum(X, ngamma.to(dtype), rows=support, chunk_size=chunk_size)
-    return EStepStats((n * log_pi).sum(), ngamma.sum(0), S1)
+    return EStepStats(loglik, ngamma.sum(0), S1)
+
+
+def fuse_pays(n_support: float, n_rows: float) -> bool:
+    """Whether :func:`e_step_with_mean` (one pass over all ``n_rows``) beats the separate products (``n_support``
+    rows, then all rows): where the support holds at least :data:`FUSE_MIN_SUPPORT` of the rows."""
+    return n_support >= FUSE_MIN_SUPPORT * n_rows
+
+
+def e_step_with_mean(
+    X: Tensor,
+    logits_all: Tensor,
+    log_alpha: Tensor,
+    A: Tensor,
+    support: Tensor,
+    n: Tensor,
+    dtype: torch.dtype,
+    chunk_size: int | None = None,
+) -> EStepStats:
+    """:func:`e_step_from_logits` and the softmax means ``m_k = sum_j s_jk x_j`` at the same atoms, from the full
+    logits ``(p, K)`` float64, in ONE pass over all rows of ``X`` (weights ``[s | n gamma]``, ``2K`` columns,
+    formed one chunk of rows at a time).
+
+    Reading ``X`` once instead of twice (the support's rows, then all rows for the M-step's gradient) is the
+    saving where the support covers much of the vocabulary; where it is a small share, the separate products
+    cost less (:func:`fuse_pays`).
+    """
+    loglik, ngamma = _responsibilities(logits_all.index_select(0, support), log_alpha, A, n)
+    p, K = logits_all.shape
+    ng = ngamma.to(dtype)
+    # the weights are built chunk by chunk (no (p, 2K) tensor): the support is sorted, so each chunk's share
+    # of it is a slice, found for all chunks at once
+    step = chunk_rows(p, X.shape[1], chunk_size, X.device)
+    edges = torch.arange(0, p + step, step, device=support.device).clamp_max(p)
+    cuts = torch.searchsorted(support, edges).tolist()
+    both = torch.zeros(2 * K, X.shape[1], dtype=dtype, device=X.device)
+    for i, (start, stop, Xc) in enumerate(row_chunks(X, None, dtype, chunk_size)):
+        G = torch.zeros(stop - start, 2 * K, dtype=dtype, device=X.device)
+        G[:, :K] = probs_from_logits(logits_all[start:stop], A, dtype)
+        a, b = cuts[i], cuts[i + 1]
+        G[:, K:].index_copy_(0, support[a:b] - start, ng[a:b])
+        both.addmm_(G.T, Xc)
+    return EStepStats(loglik, ngamma.sum(0), both[K:], both[:K])
 
 
 def reduce_stats(stats: EStepStats, comm=None) -> EStepStats:
-    """The statistics of the whole vocabulary from each rank's: one all-reduce of ``1 + K + K L`` numbers."""
+    """The statistics of the whole vocabulary from each rank's: one all-reduce of ``1 + K + K L`` numbers
+    (``K L`` more with the softmax means)."""
     if comm is None or not comm.distributed:
         return stats
     K, L = stats.S1.shape
-    packed = torch.cat([stats.loglik.reshape(1), stats.W, stats.S1.to(torch.float64).flatten()])
-    comm.sum(packed, "e_step")
-    return EStepStats(packed[0], packed[1 : K + 1], packed[K + 1 :].view(K, L).to(stats.S1.dtype))
+    parts = [stats.loglik.reshape(1), stats.W, stats.S1.to(torch.float64).flatten()]
+    if stats.mean is not None:
+        parts.append(stats.mean.to(torch.float64).flatten())
+    packed = comm.sum(torch.cat(parts), "e_step")
+    S1 = packed[K + 1 : K + 1 + K * L].view(K, L).to(stats.S1.dtype)
+    mean = None if stats.mean is None else packed[K + 1 + K * L :].view(K, L).to(stats.mean.dtype)
+    return EStepStats(packed[0], packed[1 : K + 1], S1, mean)
 
 
 def e_step(

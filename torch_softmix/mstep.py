@@ -244,6 +244,7 @@ def newton_m_step(
     precondition: bool = False,
     bias: Tensor | None = None,
     whitening=None,
+    mean: Tensor | None = None,
 ) -> tuple[AtomState, MStepInfo]:
     """Up to ``max_steps`` damped Newton steps on every ``f_k``.
 
@@ -259,6 +260,8 @@ def newton_m_step(
             (:class:`~torch_softmix.curvature.BlockPreconditioner`, carried in the returned state and rebuilt
             when stale; the caller decides, :func:`~torch_softmix.curvature.usable`); ``bias`` and ``whitening``
             (the design's) build it (without ``whitening`` by the exact ``p L^2 K`` pass).
+        mean: the softmax means ``(K, L)`` at ``state``'s atoms (all ranks summed) when the E-step formed them
+            (:func:`~torch_softmix.kernels.e_step_with_mean`): the first step then needs no pass for them.
 
     Components whose objective cannot be raised keep their atom (step size 0).
     """
@@ -272,8 +275,11 @@ def newton_m_step(
             precond = BlockPreconditioner.build(X, beta, W, lam, bias, whitening, dtype, chunk_size, comm)
             info.passes += 3 if exact(whitening) else 1
         s = kernels.probs_from_logits(lg, A, dtype)
-        m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
-        info.passes += 1
+        if mean is not None and info.newton_steps == 0:  # at the atoms the E-step saw
+            m = mean.to(dtype)
+        else:
+            m = kernels.allsum(kernels.weighted_sum(X, s, chunk_size=chunk_size), comm, "softmax_mean")
+            info.passes += 1
         g = m_gradient(beta, m, W, S1, lam)
         n_cg = cg_max_iter if precond is None else min(cg_max_iter, curvature.BLOCK_CG_ITER)
         d = _direction(X, s, m, g, W, lam, method, n_cg, cg_rtol, chunk_size, info, comm, precond)

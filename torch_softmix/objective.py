@@ -57,17 +57,21 @@ def marginal_objective(
     """``F`` (penalised, total), the log-likelihood (total) and the gradients ``dF/dbeta (K, L)`` and
     ``dF/du (K,)`` at atoms ``beta (K, L)`` and weight logits ``u (K,)``, all in float64.
 
-    Two passes over ``X`` (the logits, then the softmax means ``m(beta_k)``); the E-step runs on the
-    support of the counts. With a ``comm`` over several ranks, ``X`` and ``counts`` are this rank's rows and
-    the sums are all-reduced (``A``, then the statistics, ``m`` and ``N`` together).
+    Two passes over ``X``: the logits, then the softmax means ``m(beta_k)`` together with the E-step's statistics
+    where the support covers much of the vocabulary (:func:`~torch_softmix.kernels.fuse_pays`; else those come
+    from a product over the support's rows). With a ``comm`` over several ranks, ``X`` and ``counts`` are this
+    rank's rows and the sums are all-reduced (``A``, then the statistics, ``m`` and ``N`` together).
     """
     lg = kernels.logits(X, beta, bias, dtype=torch.float64, chunk_size=chunk_size)  # (p, K)
     A = kernels.log_normalizer_from_logits(lg, comm)
     log_alpha = torch.log_softmax(u, 0)
-    stats = kernels.e_step_from_logits(
-        X, lg.index_select(0, counts.support), log_alpha, A, counts.support, counts.values, torch.float64, chunk_size
-    )
-    m = kernels.weighted_sum(X, kernels.probs_from_logits(lg, A, torch.float64), chunk_size=chunk_size)
+    sup, n = counts.support, counts.values
+    if kernels.fuse_pays(sup.numel(), X.shape[0]):  # each rank decides for itself: the wire is the same either way
+        stats = kernels.e_step_with_mean(X, lg, log_alpha, A, sup, n, torch.float64, chunk_size)
+        m = stats.mean
+    else:
+        stats = kernels.e_step_from_logits(X, lg.index_select(0, sup), log_alpha, A, sup, n, torch.float64, chunk_size)
+        m = kernels.weighted_sum(X, kernels.probs_from_logits(lg, A, torch.float64), chunk_size=chunk_size)
     N = counts.total
     if comm is not None and comm.distributed:
         K, L = m.shape
