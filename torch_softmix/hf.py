@@ -124,7 +124,8 @@ def _load_gguf(folder: str, gguf_file: str, dtype: torch.dtype, cache: bool) -> 
     saved as safetensors in :func:`gguf_cache_dir`; later loads read that copy (the same weights, bit for bit).
     The copy is written to a temporary folder and renamed into place, so a crash leaves no half-written entry;
     an unwritable cache only costs the conversion (with a warning)."""
-    entry = _gguf_cache_entry(folder, gguf_file) if cache else None
+    local = Path(folder, gguf_file).is_file()  # else a Hub name: transformers downloads (and caches) it
+    entry = _gguf_cache_entry(folder, gguf_file) if cache and local else None
     if entry is not None and entry.is_dir():
         model, tokenizer = _load_pretrained(str(entry), dtype)
     else:
