@@ -2,7 +2,8 @@
 separate products, side by side in one process on the race's Gaussian near/far problems.
 
 For each problem the default ``EMFitter`` runs twice from the same start, with the fused pass (the default
-where the counts cover half of the rows) and without it (``kernels.FUSE_MIN_SUPPORT`` set out of reach), in
+where the counts cover half of the rows and ``L >= kernels.FUSE_MIN_WIDTH``; here forced at every ``L``) and
+without it (``kernels.FUSE_MIN_SUPPORT`` set out of reach), in
 alternating order; ``race_lbfgs.score`` (one float64 objective) gives both runs' time to the common target
 (the better end minus 1e-7 per token). Printed: passes over ``X`` per EM map, time per EM map, and the
 ratios separate / fused.
@@ -29,6 +30,7 @@ from torch_softmix.design import Design  # noqa: E402
 
 def fit(X, bias, counts, start, K: int, fused: bool):
     kernels.FUSE_MIN_SUPPORT = 0.5 if fused else math.inf
+    kernels.FUSE_MIN_WIDTH = 0  # fused or not at every width: the bench measures where the default's rule should lie
     kernels.PASSES[0] = 0.0
     rec = race.Recorder()
     rec(torch.log(start["alpha"]), start["beta"])
@@ -53,7 +55,7 @@ def main() -> None:
     ap.add_argument("--N", type=int, default=10**6)
     ap.add_argument("--out", type=Path, default=race.RESULTS / "fused_estep.txt")
     args = ap.parse_args()
-    default = kernels.FUSE_MIN_SUPPORT
+    default = kernels.FUSE_MIN_SUPPORT, kernels.FUSE_MIN_WIDTH
     lines, rows = [], []
     cases = [(L, K, kind) for L in args.L for K in args.K for kind in ("near", "far")]
     for i, (L, K, kind) in enumerate(cases):
@@ -61,7 +63,7 @@ def main() -> None:
         runs = {}
         for fused in (True, False) if i % 2 == 0 else (False, True):
             runs[fused] = fit(X, bias, counts, start, K, fused)
-        kernels.FUSE_MIN_SUPPORT = default
+        kernels.FUSE_MIN_SUPPORT, kernels.FUSE_MIN_WIDTH = default
         sc = race.score(X, bias, counts, {name: (runs[f][0], {}) for name, f in (("fused", True), ("apart", False))})
         row = {"problem": f"L={L} K={K} {kind}", "support": counts.n_distinct / args.p,
                "time": (sc["apart"]["time"], sc["fused"]["time"]),

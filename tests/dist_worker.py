@@ -19,7 +19,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from torch_softmix import Design, EMFitter, curvature
+from torch_softmix import Design, EMFitter, curvature, kernels
 from torch_softmix import simulate as sim
 from torch_softmix.dist import Comm, RankFailure
 
@@ -85,20 +85,28 @@ def count_task(comm: Comm, args: dict) -> dict:
         X = sim.gaussian_design(p, L, seed=0, dtype=torch.float64)
         truth = sim.random_mixture(K, L, norm=2.0, separation=1.0, seed=1)
         counts = sim.sample_counts(sim.make_head(X, truth), 50_000, seed=2)
-        design = Design(X, comm=comm)
-        per_iter, last = [], {}
+        out[p] = {}
+        default = kernels.FUSE_MIN_WIDTH
+        for how, width in (("apart", default), ("fused", 0)):  # L = 6: fused only when the width rule is lifted
+            kernels.FUSE_MIN_WIDTH = width
+            design = Design(X, comm=comm)
+            per_iter, last = [], {}
 
-        def snapshot(event, per_iter=per_iter, last=last):
-            now = {k: (comm.calls[k], comm.bytes[k]) for k in comm.calls}
-            per_iter.append({k: (c - last.get(k, (0, 0))[0], b - last.get(k, (0, 0))[1]) for k, (c, b) in now.items()})
-            last.clear()
-            last.update(now)
+            def snapshot(event, per_iter=per_iter, last=last):
+                now = {k: (comm.calls[k], comm.bytes[k]) for k in comm.calls}
+                per_iter.append({k: (c - last.get(k, (0, 0))[0], b - last.get(k, (0, 0))[1])
+                                 for k, (c, b) in now.items()})  # fmt: skip
+                last.clear()
+                last.update(now)
 
-        fitter = EMFitter(K, init=truth, accelerate=None, m_step="newton-cg", max_iter=6, tol=0, polish_iter=0,
-                          n_moves=0)  # EM iterations alone
-        comm.reset_counts()
-        fitter.fit(design, counts=counts, callback=snapshot)
-        out[p] = per_iter[1:]  # the first delta also holds the start's E-step
+            fitter = EMFitter(K, init=truth, accelerate=None, m_step="newton-cg", max_iter=6, tol=0, polish_iter=0,
+                              n_moves=0)  # EM iterations alone
+            comm.reset_counts()
+            try:
+                fitter.fit(design, counts=counts, callback=snapshot)
+            finally:
+                kernels.FUSE_MIN_WIDTH = default
+            out[p][how] = per_iter[1:]  # the first delta also holds the start's E-step
     X, truth, counts = problem(P_LARGE)
     design = Design(X, comm=comm)
     whitening = design.whitening

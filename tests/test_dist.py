@@ -67,15 +67,20 @@ def test_several_processes_fit_as_one_and_sample_the_same_counts(world_size, ref
     K, L = dw.K, dw.L
     per_iter = results[0]["count"]
     for p in (1001, 4003):
-        for it in per_iter[p]:
-            sizes = {name: b // max(c, 1) for name, (c, b) in it.items() if c}
-            # the counts cover most rows: the E-step's all-reduce carries the M-step's softmax means too
-            assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + 2 * K * L) and "softmax_mean" not in it
-            # the block preconditioner built at the first M-step replaces the diagonal one (no cg_diag)
-            assert "cg_diag" not in sizes and sizes["cg_matvec"] == 8 * K * L
-            assert sizes["A:max"] == sizes["A:sum"] == 8 * K and it["A:max"][0] == it["A:sum"][0] >= 1
-            assert set(sizes) <= {"e_step", "cg_matvec", "A:max", "A:sum"}
-    assert [sorted(i) for i in per_iter[1001]] == [sorted(i) for i in per_iter[4003]]
+        for how in ("apart", "fused"):
+            for it in per_iter[p][how]:
+                sizes = {name: b // max(c, 1) for name, (c, b) in it.items() if c}
+                if how == "fused":  # the E-step's all-reduce carries the M-step's softmax means too
+                    assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + 2 * K * L)
+                    assert "softmax_mean" not in it
+                else:  # L below kernels.FUSE_MIN_WIDTH: the means are all-reduced on their own
+                    assert it["e_step"][0] == 1 and sizes["e_step"] == 8 * (1 + K + K * L)
+                    assert it["softmax_mean"][0] == 1 and sizes["softmax_mean"] == 8 * K * L
+                # the block preconditioner built at the first M-step replaces the diagonal one (no cg_diag)
+                assert "cg_diag" not in sizes and sizes["cg_matvec"] == 8 * K * L
+                assert sizes["A:max"] == sizes["A:sum"] == 8 * K and it["A:max"][0] == it["A:sum"][0] >= 1
+                assert set(sizes) <= {"e_step", "softmax_mean", "cg_matvec", "A:max", "A:sum"}
+            assert [sorted(i) for i in per_iter[1001][how]] == [sorted(i) for i in per_iter[4003][how]]
     # its rebuild from the top tokens of a large vocabulary: parameter-sized collectives only
     build = results[0]["count"]["build"]
     top = build["curvature_top"]  # gathered top logits, K per token kept on each rank, padded

@@ -201,6 +201,7 @@ def test_em_with_and_without_the_fused_pass_takes_the_same_path(monkeypatch):
     fits = {}
     for fuse in (True, False):
         monkeypatch.setattr(kernels, "FUSE_MIN_SUPPORT", 0.5 if fuse else math.inf)
+        monkeypatch.setattr(kernels, "FUSE_MIN_WIDTH", 0)
         problem = FitProblem(Design(X, b), TokenCounts.from_dense(counts), torch.float32, m_step="newton-cg", tol=0)
         assert problem.fuse_mean == fuse
         kernels.PASSES[0] = 0.0

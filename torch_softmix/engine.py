@@ -116,7 +116,7 @@ class FitProblem:
         so that every rank decides alike: one all-reduce of two numbers, the first time it is asked)."""
         sizes = torch.tensor([self.counts.support.numel(), self.X.shape[0]], dtype=torch.float64)
         sizes = kernels.allsum(sizes.to(self.design.device), self.comm, "support")
-        return kernels.fuse_pays(float(sizes[0]), float(sizes[1]))
+        return kernels.fuse_pays(float(sizes[0]), float(sizes[1]), self.X.shape[1])
 
     # ------------------------------------------------------------------ states
     def state(self, alpha: Tensor, beta: Tensor) -> State:

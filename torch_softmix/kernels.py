@@ -28,6 +28,11 @@ _ONE_RANK = Comm()
 #: at the same atoms are formed in one pass over all rows (:func:`e_step_with_mean`) rather than one over the
 #: support's rows and another over all rows (:func:`fuse_pays`).
 FUSE_MIN_SUPPORT = 0.5
+#: ... and where the design has at least this many columns. On narrower designs the product is cheap next to the
+#: elementwise work on the ``(p, K)`` logits, which the fused pass does for ``2K`` columns over all rows:
+#: ``benchmarks/bench_fused_estep.py`` measured it slower at ``L`` in {16, 32, 64} (time to target, separate /
+#: fused, median 0.80-0.88 on CPU) and even, within noise, at ``L`` in {192, 576}.
+FUSE_MIN_WIDTH = 128
 #: Passes over ``X`` since the last reset (a pass over ``r`` of the ``p`` rows counts ``r / p``): benchmarks read it.
 PASSES = [0.0]
 
@@ -219,10 +224,11 @@ def e_step_from_logits(
     return EStepStats(loglik, ngamma.sum(0), S1)
 
 
-def fuse_pays(n_support: float, n_rows: float) -> bool:
+def fuse_pays(n_support: float, n_rows: float, width: int) -> bool:
     """Whether :func:`e_step_with_mean` (one pass over all ``n_rows``) beats the separate products (``n_support``
-    rows, then all rows): where the support holds at least :data:`FUSE_MIN_SUPPORT` of the rows."""
-    return n_support >= FUSE_MIN_SUPPORT * n_rows
+    rows, then all rows): where the support holds at least :data:`FUSE_MIN_SUPPORT` of the rows and the design's
+    ``width`` (``L``) is at least :data:`FUSE_MIN_WIDTH`."""
+    return width >= FUSE_MIN_WIDTH and n_support >= FUSE_MIN_SUPPORT * n_rows
 
 
 def e_step_with_mean(

@@ -66,7 +66,7 @@ def marginal_objective(
     A = kernels.log_normalizer_from_logits(lg, comm)
     log_alpha = torch.log_softmax(u, 0)
     sup, n = counts.support, counts.values
-    if kernels.fuse_pays(sup.numel(), X.shape[0]):  # each rank decides for itself: the wire is the same either way
+    if kernels.fuse_pays(sup.numel(), X.shape[0], X.shape[1]):  # each rank decides for itself: the wire is the same either way
         stats = kernels.e_step_with_mean(X, lg, log_alpha, A, sup, n, torch.float64, chunk_size)
         m = stats.mean
     else:
