@@ -13,7 +13,7 @@ from torch_softmix import (  # noqa: E402
 )
 from torch_softmix import simulate as sim  # noqa: E402
 
-from .tiny_models import build_tiny_model  # noqa: E402
+from .tiny_models import SCALED, build_tiny_model  # noqa: E402
 
 PROMPTS = ["hello world", "the cat sat on", "1 2 3 4"]
 
@@ -167,3 +167,56 @@ def test_save_attached_leaves_the_model_untouched(tiny_model, tmp_path):
         assert model.get_output_embeddings() is layer
     finally:
         hf.detach_head(model)
+
+
+@pytest.mark.parametrize("kind", sorted(SCALED))
+def test_models_that_scale_their_logits(kind, tmp_path):
+    """Granite divides its logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``: the measured
+    scale gives true atoms that reproduce the model's own law, and an attached head's law is the model's."""
+    model, tok = hf.load_model(str(build_tiny_model(kind, tmp_path)))
+    design = hf.output_design(model)
+    assert design.scale == SCALED[kind][2]
+    atoms = hf.true_atoms(model, tok, PROMPTS, temperature=0.7).double()
+    log_pi = torch.log_softmax(design.X.double() @ atoms.T, 0).T
+    torch.testing.assert_close(log_pi, hf.next_token_log_probs(model, tok, PROMPTS, temperature=0.7), atol=1e-5, rtol=0)
+    head = SoftmaxMixtureHead(design.X, 2, design.bias, alpha=torch.tensor([0.3, 0.7]), beta=atoms[:2])
+    hf.attach_head(model, head)
+    try:
+        with torch.no_grad():
+            logits = model(**tok(PROMPTS[0], return_tensors="pt")).logits[0, -1]
+        torch.testing.assert_close(torch.log_softmax(logits.double(), 0), head.log_probs().double(), atol=1e-5, rtol=0)
+        assert model.generate(**tok(PROMPTS[0], return_tensors="pt"), max_new_tokens=3, do_sample=True).shape[1] > 3
+    finally:
+        hf.detach_head(model)
+
+
+class _CappedLlama(transformers.LlamaForCausalLM):
+    """A model that soft-caps its logits in its forward without saying so in its config."""
+
+    def forward(self, *args, **kw):
+        out = super().forward(*args, **kw)
+        out.logits = 5.0 * torch.tanh(out.logits / 5.0)
+        return out
+
+
+class _BypassLlama(transformers.LlamaForCausalLM):
+    """A model whose forward reads its output weight directly instead of calling its output layer."""
+
+    def forward(self, input_ids=None, **kw):
+        kw.pop("logits_to_keep", None)
+        out = self.model(input_ids=input_ids, **kw)
+        logits = torch.nn.functional.linear(out.last_hidden_state, self.model.embed_tokens.weight)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+
+
+def test_models_whose_law_is_not_a_softmax_of_their_output_layer_are_refused(tmp_path):
+    folder = build_tiny_model("llama", tmp_path)
+    capped = _CappedLlama.from_pretrained(folder)
+    with pytest.raises(ValueError, match="not a positive multiple of its output layer"):
+        hf.output_design(capped)
+    bypass = _BypassLlama.from_pretrained(folder)  # tied embeddings: its law is still softmax(X h)
+    design = hf.output_design(bypass)
+    layer = bypass.get_output_embeddings()
+    with pytest.raises(ValueError, match="does not go through get_output_embeddings"):
+        hf.attach_head(bypass, SoftmaxMixtureHead(design.X, 2, beta=torch.randn(2, design.X.shape[1])))
+    assert bypass.get_output_embeddings() is layer and not hasattr(bypass, "_softmix_original_output")

@@ -21,12 +21,28 @@ def _word_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+#: Architectures that scale their logits, each with its config's factor: ``kind -> (model_type, settings,
+#: logit scale c)`` (the model's logits are ``c lm_head(h)``; Granite divides by its factor, Cohere multiplies).
+SCALED = {
+    "granite": ("granite", {"logits_scaling": 4.0}, 0.25),
+    "cohere": ("cohere", {"logit_scale": 0.5}, 0.5),
+}
+
+
 def build_tiny_model(kind: str, folder: Path) -> Path:
-    """A 2-layer random ``llama`` (tied embeddings) or ``gpt2`` with a 300-token vocabulary, saved in ``folder``."""
+    """A 2-layer random ``llama`` (tied embeddings), ``gpt2`` or one of :data:`SCALED` with a 300-token
+    vocabulary, saved in ``folder``."""
     import transformers
 
     torch.manual_seed(0)
-    if kind == "llama":
+    if kind in SCALED:
+        model_type, settings, _ = SCALED[kind]
+        cfg = transformers.AutoConfig.for_model(
+            model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, pad_token_id=1, bos_token_id=0, **settings,
+        )  # fmt: skip
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    elif kind == "llama":
         cfg = transformers.LlamaConfig(
             vocab_size=300,
             hidden_size=32,

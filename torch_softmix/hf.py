@@ -180,8 +180,67 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True) -> tupl
 
 
 # ---------------------------------------------------------------------- design
+#: Tolerance of the check that a model's logits are ``c (X h + b)`` up to a constant (relative residual), at least
+#: this and 8 machine epsilons of the output layer's dtype.
+LAW_RTOL = 1e-4
+
+
+def _declared_scales(cfg) -> list[float]:
+    """Logit factors a config may declare (names differ by architecture, and so does whether a model multiplies
+    or divides by them): candidates for the measured scale to snap to."""
+    out = [1.0]
+    for name in ("logit_scale", "logits_scaling", "lm_head_multiplier"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0:
+            out += [float(v), 1.0 / float(v)]
+    return out
+
+
+def _law_residual(logits: Tensor, z: Tensor) -> tuple[float, float]:
+    """The factor ``c`` that best maps ``z (p,)`` onto ``logits (p,)`` up to a constant, and the relative residual."""
+    lc, zc = logits - logits.mean(), z - z.mean()
+    c = float((lc * zc).sum() / (zc * zc).sum().clamp_min(1e-300))
+    return c, float((lc - c * zc).norm() / lc.norm().clamp_min(1e-300))
+
+
+def _rtol(layer: nn.Module) -> float:
+    return max(LAW_RTOL, 8 * torch.finfo(layer.weight.dtype).eps)
+
+
+def _forward(module: nn.Module, **inputs):
+    """One forward pass without a cache (one pass needs none, and hybrid state-space models' caches need more
+    than the inputs), for modules that take ``use_cache``."""
+    try:
+        return module(**inputs, use_cache=False)
+    except TypeError:
+        return module(**inputs)
+
+
+@torch.no_grad()
+def _probe(model: nn.Module) -> tuple[Tensor, Tensor]:
+    """The final hidden state ``h (L,)`` and the model's logits ``(p,)`` (float64) at the last of a few probe
+    tokens (ids 0..3), in eval mode (the model's mode is restored afterwards)."""
+    weight = model.get_output_embeddings().weight
+    ids = torch.arange(min(4, weight.shape[0]), device=weight.device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        h = _forward(getattr(model, model.base_model_prefix), input_ids=ids).last_hidden_state[0, -1]
+        logits = _forward(model, input_ids=ids).logits[0, -1]
+    finally:
+        model.train(was_training)
+    return h, logits.double()
+
+
 def _check_plain_softmax(model: nn.Module) -> float:
-    """The logit scale of the model (1.0 for most); refuse what is not ``softmax(scale (X h + b))``."""
+    """The logit scale ``c`` of the model, whose next-token law must be ``softmax(c (X h + b))``; refuse others.
+
+    ``c`` is measured once (cached on the model) from one forward pass on a few probe tokens: the model's
+    logits against its output layer applied to its final hidden state. Architectures name and apply the factor
+    differently (Cohere multiplies by ``logit_scale``, Granite divides by ``logits_scaling``, Falcon-H1
+    multiplies by ``lm_head_multiplier``), so it is measured, then snapped to a value the config declares when
+    one matches. A model that transforms its logits otherwise (a tanh soft cap, say) is refused.
+    """
     cfg = model.config
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
@@ -189,8 +248,37 @@ def _check_plain_softmax(model: nn.Module) -> float:
             f"{type(model).__name__} caps its logits with tanh (final_logit_softcapping={cap}): its next-token law "
             "is not a softmax of a linear map of the hidden state, so it is not a softmax mixture over its embedding"
         )
-    scale = getattr(cfg, "logit_scale", None)
-    return 1.0 if scale is None else float(scale)
+    cached = getattr(model, "_softmix_logit_scale", None)
+    if cached is not None:
+        return cached
+    layer = model.get_output_embeddings()
+    if isinstance(layer, MixtureOutputLayer):
+        raise ValueError("a head is attached to this model; call detach_head(model) first")
+    declared = _declared_scales(cfg)
+    try:
+        h, logits = _probe(model)
+    except Exception as err:  # an architecture the probe cannot drive: fall back on the config
+        scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+        warnings.warn(f"could not run {type(model).__name__} on probe tokens to measure its logit scale ({err}); "
+                      f"taking {scale} from its config", RuntimeWarning, stacklevel=3)  # fmt: skip
+        return scale
+    with torch.no_grad():
+        z = layer(h.to(layer.weight.dtype)).double() if hasattr(layer, "weight") else None
+    if z is None or z.shape != logits.shape:
+        raise ValueError(f"{type(model).__name__}'s logits ({tuple(logits.shape)}) do not come from its output layer "
+                         f"(weight {tuple(layer.weight.shape)}): not a softmax mixture over that embedding")  # fmt: skip
+    c, resid = _law_residual(logits, z)
+    if not (c > 0 and resid <= _rtol(layer)):
+        raise ValueError(
+            f"{type(model).__name__}'s logits are not a positive multiple of its output layer's (best factor "
+            f"{c:.4g}, relative residual {resid:.1e} on probe tokens): it transforms them after the output layer, so "
+            "its next-token law is not a softmax of a linear map of the hidden state, nor a softmax mixture over "
+            "its embedding"
+        )
+    near = min(declared, key=lambda v: abs(v - c))
+    scale = near if abs(near - c) <= 10 * _rtol(layer) * c else c
+    model._softmix_logit_scale = scale
+    return scale
 
 
 def output_design(model: nn.Module, layer: nn.Module | None = None) -> Design:
@@ -238,7 +326,7 @@ def hidden_states(model: nn.Module, tokenizer, prompts: Sequence[str]) -> Tensor
     out = []
     for prompt in prompts:
         enc = _encode(tokenizer, prompt, device)
-        h = base(**enc).last_hidden_state[0, -1]
+        h = _forward(base, **enc).last_hidden_state[0, -1]
         out.append(h.float())
     return torch.stack(out)
 
@@ -256,7 +344,7 @@ def next_token_log_probs(model: nn.Module, tokenizer, prompts: Sequence[str], te
     device = next(model.parameters()).device
     rows = []
     for prompt in prompts:
-        logits = model(**_encode(tokenizer, prompt, device)).logits[0, -1].double()
+        logits = _forward(model, **_encode(tokenizer, prompt, device)).logits[0, -1].double()
         rows.append(torch.log_softmax(logits / temperature, dim=0))
     return torch.stack(rows)
 
@@ -553,38 +641,58 @@ class MixtureOutputLayer(nn.Module):
     """An output layer whose logits are the head's log-probabilities: the same law ``log pi`` at every position
     for a :class:`SoftmaxMixtureHead`, a law per position for a :class:`MixtureOfSoftmaxesHead`."""
 
-    def __init__(self, head: Head) -> None:
+    def __init__(self, head: Head, scale: float = 1.0) -> None:
         super().__init__()
         self.head = head
+        #: The model's logit scale ``c``: the layer returns ``log pi / c``, which the model multiplies by ``c``.
+        self.scale = float(scale)
 
     @property
     def weight(self) -> Tensor:
         return self.head.embedding
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.head(hidden_states).to(hidden_states.dtype if hidden_states.is_floating_point() else torch.float32)
+        out = self.head(hidden_states)
+        if self.scale != 1.0:
+            out = out / self.scale
+        return out.to(hidden_states.dtype if hidden_states.is_floating_point() else torch.float32)
 
 
 def attach_head(model: nn.Module, head: Head) -> nn.Module:
     """Make the model's output law the head's: its logits become the head's log-probabilities and
     ``generate()`` samples from them.
 
-    The head must be over this model's design (checked by fingerprint). :func:`detach_head` restores the
-    original layer.
+    The head must be over this model's design (checked by fingerprint). A model that scales its logits by ``c``
+    (Cohere, Granite, ...) gets ``log pi / c`` from the new layer, so its law is still the head's. After the
+    swap one forward pass on probe tokens checks that the model's logits are the head's log-probabilities up to
+    a constant (a model whose forward bypasses its output layer is refused, left as it was).
+    :func:`detach_head` restores the original layer.
     """
     if not isinstance(head, (SoftmaxMixtureHead, MixtureOfSoftmaxesHead)):
         raise TypeError(f"head must be a SoftmaxMixtureHead or MixtureOfSoftmaxesHead, got {type(head).__name__}")
     if isinstance(model.get_output_embeddings(), MixtureOutputLayer):
         raise ValueError("a head is already attached; call detach_head(model) first")
     design = output_design(model)
-    if design.scale != 1.0:
-        raise ValueError(f"cannot attach to a model that rescales its logits (logit_scale={design.scale})")
     if head.fingerprint() != design.fingerprint:
         raise ValueError(
             "the head was fitted on another model's embedding (fingerprints differ); refit or load it here"
         )
-    model._softmix_original_output = model.get_output_embeddings()
-    model.set_output_embeddings(MixtureOutputLayer(head))
+    original = model.get_output_embeddings()
+    model._softmix_original_output = original
+    model.set_output_embeddings(MixtureOutputLayer(head, design.scale))
+    h, logits = _probe(model)
+    with torch.no_grad():
+        want = head(h[None].to(original.weight.dtype))[0].double()
+    lc, wc = logits - logits.mean(), want - want.mean()
+    # relative to the larger of the two, and to one nat per entry (a uniform head has constant log-probabilities)
+    diff = float((lc - wc).norm() / max(float(lc.norm()), float(wc.norm()), lc.numel() ** 0.5))
+    if diff > _rtol(original):
+        detach_head(model)
+        raise ValueError(
+            f"after the swap {type(model).__name__}'s logits are not the head's log-probabilities (relative "
+            f"difference {diff:.1e} on probe tokens): its forward does not go through "
+            "get_output_embeddings() alone; the model is left as it was"
+        )
     return model
 
 
