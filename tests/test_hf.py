@@ -220,3 +220,15 @@ def test_models_whose_law_is_not_a_softmax_of_their_output_layer_are_refused(tmp
     with pytest.raises(ValueError, match="does not go through get_output_embeddings"):
         hf.attach_head(bypass, SoftmaxMixtureHead(design.X, 2, beta=torch.randn(2, design.X.shape[1])))
     assert bypass.get_output_embeddings() is layer and not hasattr(bypass, "_softmix_original_output")
+
+
+def test_bad_prompts_and_missing_model_folders_get_clear_errors(tiny_model, tmp_path):
+    model, tok = tiny_model
+    with pytest.raises(TypeError, match="wrap it"):
+        hf.sample_next_tokens(model, tok, "hello world", 10)  # one string, not a list of prompts
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        hf.true_atoms(model, tok, ["hello", 3])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        hf.next_token_log_probs(model, tok, [])
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        hf.load_model(str(tmp_path / "not-there"))

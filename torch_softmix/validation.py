@@ -142,8 +142,8 @@ def check_design(embedding: Any, bias: Any = None) -> tuple[Tensor, Tensor | Non
         )
     if embedding.dim() != 2 or embedding.shape[0] < 1 or embedding.shape[1] < 1:
         raise ValueError(
-            "embedding must be 2-D (vocab_size, hidden_size), e.g. model.lm_head.weight; "
-            f"got shape {tuple(embedding.shape)}"
+            "embedding must be 2-D (vocab_size, hidden_size) with at least one row and one column, e.g. "
+            f"model.lm_head.weight; got shape {tuple(embedding.shape)}"
         )
     if not embedding.dtype.is_floating_point:
         raise TypeError(f"embedding must be a floating tensor, got dtype {embedding.dtype}")
