@@ -63,3 +63,37 @@ def test_vocabulary_parallel_fit_on_cuda_matches_one_process(task, tmp_path):
         assert got["device"] == "cuda" and got["init_names"] == ref["init_names"]
         torch.testing.assert_close(got["beta"], ref["beta"], rtol=1e-6, atol=1e-9, msg=f"{backend} rank {rank}")
         assert got["objective"] == pytest.approx(ref["objective"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["llama", "granite"])
+def test_hugging_face_flow_on_cuda(kind, tmp_path):
+    """The design card's flow with the model on the GPU: sample next tokens, fit with EMFitter on CUDA, attach
+    the head, generate, save and load it back. Granite divides its logits by ``logits_scaling``."""
+    from torch_softmix import hf
+
+    from .tiny_models import build_tiny_model
+
+    model, tok = hf.load_model(str(build_tiny_model(kind, tmp_path / "model")))
+    model = model.cuda()
+    design = hf.output_design(model)
+    assert design.X.device.type == "cuda" and design.scale == (0.25 if kind == "granite" else 1.0)
+    prompts = ["hello world", "the cat sat on"]
+    atoms = hf.true_atoms(model, tok, prompts).double()
+    torch.testing.assert_close(torch.log_softmax(design.X.double() @ atoms.T, 0).T.cpu(),
+                               hf.next_token_log_probs(model, tok, prompts).cpu(), atol=1e-5, rtol=0)  # fmt: skip
+    sample = hf.sample_next_tokens(model, tok, prompts, 50_000, weights=[0.4, 0.6], seed=0)
+    head = EMFitter(2, random_state=0, device="cuda").fit(design, counts=sample.counts)
+    assert head.beta.device.type == "cuda"
+    true_law = sample.true_head(design).log_probs().exp()
+    assert float((true_law - head.log_probs().exp()).abs().sum().detach()) < 0.05  # twice the total variation
+    hf.attach_head(model, head)
+    enc = tok(prompts[0], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        logits = model(**enc).logits[0, -1]
+    torch.testing.assert_close(torch.log_softmax(logits.double(), 0), head.log_probs().detach().double(), atol=1e-4, rtol=0)
+    assert model.generate(**enc, max_new_tokens=3, do_sample=True).shape[1] > enc["input_ids"].shape[1]
+    hf.save_attached(model, tmp_path / "head.safetensors")
+    hf.detach_head(model)
+    back = hf.load_attached(model, tmp_path / "head.safetensors")
+    torch.testing.assert_close(back.beta, head.beta)
+    hf.detach_head(model)
