@@ -49,8 +49,9 @@ SPLIT_EM_ITERS = 20
 MERGE_NEWTON_STEPS = 8
 #: A component's most frequent tokens (by its share of the data) split in two for its transfers.
 TRANSFER_TOP = 300
-#: Damped Newton steps (the M-step's) re-fitting the atoms for a transfer's score.
-TRANSFER_STEPS = 3
+#: Damped Newton steps (the M-step's) re-fitting the atoms for a transfer's score. Three ranked the right group
+#: of a near-deterministic prompt's tail 9th of 20 (its receiving atom, peaked, moves slowly); six ranked it first.
+TRANSFER_STEPS = 6
 #: The most frequent tokens of a component that lead a group of companions to each other component.
 TRANSFER_LEADS = 5
 #: Sizes of the companion groups (the lead token's companions, the lead not counted).
