@@ -260,17 +260,20 @@ def _check_plain_softmax(model: nn.Module) -> float:
     layer = model.get_output_embeddings()
     if isinstance(layer, MixtureOutputLayer):
         raise ValueError("a head is attached to this model; call detach_head(model) first")
-    declared = _declared_scales(cfg)
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"the output layer of {type(model).__name__} has no 2-D weight: no embedding to fit over")
     try:
         h, logits = _probe(model)
     except Exception as err:  # an architecture the probe cannot drive: fall back on the config
         scale = float(getattr(cfg, "logit_scale", None) or 1.0)
         warnings.warn(f"could not run {type(model).__name__} on probe tokens to measure its logit scale ({err}); "
                       f"taking {scale} from its config", RuntimeWarning, stacklevel=3)  # fmt: skip
+        model._softmix_logit_scale = scale
         return scale
     with torch.no_grad():
-        z = layer(h.to(layer.weight.dtype)).double() if hasattr(layer, "weight") else None
-    if z is None or z.shape != logits.shape:
+        z = layer(h.to(weight.dtype)).double()
+    if z.shape != logits.shape:
         raise ValueError(f"{type(model).__name__}'s logits ({tuple(logits.shape)}) do not come from its output layer "
                          f"(weight {tuple(layer.weight.shape)}): not a softmax mixture over that embedding")  # fmt: skip
     c, resid = _law_residual(logits, z)
@@ -281,7 +284,7 @@ def _check_plain_softmax(model: nn.Module) -> float:
             "its next-token law is not a softmax of a linear map of the hidden state, nor a softmax mixture over "
             "its embedding"
         )
-    near = min(declared, key=lambda v: abs(v - c))
+    near = min(_declared_scales(cfg), key=lambda v: abs(v - c))
     scale = near if abs(near - c) <= 10 * _rtol(layer) * c else c
     model._softmix_logit_scale = scale
     return scale
@@ -698,7 +701,12 @@ def attach_head(model: nn.Module, head: Head) -> nn.Module:
     original = model.get_output_embeddings()
     model._softmix_original_output = original
     model.set_output_embeddings(MixtureOutputLayer(head, design.scale))
-    h, logits = _probe(model)
+    try:
+        h, logits = _probe(model)
+    except Exception as err:  # as in _check_plain_softmax: an architecture the probe cannot drive
+        warnings.warn(f"could not run {type(model).__name__} on probe tokens to check the attached head's law ({err})",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        return model
     with torch.no_grad():
         want = head(h[None].to(original.weight.dtype))[0].double()
     lc, wc = logits - logits.mean(), want - want.mean()
