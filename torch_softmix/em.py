@@ -79,7 +79,8 @@ class EMFitter:
             ``"alpha" (K,)`` and ``"beta" (K, L)`` (a warm start; an oracle start when given the truth).
         n_init: number of starts; the one with the best objective is kept.
         init_max_iter: with several starts, each runs this many EM iterations (screening) and only the
-            best continues; ``None`` runs every start to convergence.
+            best continues; ``None`` runs every start to convergence. With more than four starts the screening
+            is successive halving: every start runs two EM iterations and the four best run the rest.
         mom_method: ``"tensor"`` (third moment, Jennrich) or ``"univariate"`` (Hermite moments along directions).
         max_iter: EM iterations of the final run, *after* screening (the kept start's screening iterations
             come on top; ``n_iter_`` counts both).

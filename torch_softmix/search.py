@@ -4,7 +4,8 @@
 once the problem and the starts exist:
 
 1. :func:`screen_and_continue`: every start runs ``init_max_iter`` EM iterations (or, unscreened, to
-   convergence); the start with the best objective continues for ``max_iter`` more.
+   convergence; with many starts, by successive halving); the start with the best objective continues for
+   ``max_iter`` more.
 2. :func:`resume_run`: the same continuation from a checkpoint's state.
 3. :func:`polish_phase`: L-BFGS on the marginal likelihood from EM's point, kept only when not worse.
 4. :func:`refine`: split-and-merge moves (:mod:`torch_softmix.moves`) from the converged point, each followed
@@ -80,11 +81,11 @@ def run_callback(phase: str, start: str, bar, ckpt: Checkpointer | None, user: C
     return on_point
 
 
-def _record(starts: list[Start], results: list[RunResult], best: int, info: dict, screen_iters: int) -> dict:
+def _record(starts: list[Start], reached: list[tuple[float, float]], best: int, info: dict, screen_iters: int) -> dict:
     return {
         "init_names": [s.name for s in starts],
-        "init_results": [r.point.objective for r in results],
-        "init_logliks": [r.point.loglik for r in results],
+        "init_results": [obj for obj, _ in reached],
+        "init_logliks": [ll for _, ll in reached],
         "best_init": best,
         "init_info": info,
         "screen_iters": screen_iters,
@@ -96,28 +97,51 @@ def _saved(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "init_info"}
 
 
+#: Screening by successive halving: with more than :data:`SCREEN_FINALISTS` starts, every start first runs
+#: :data:`SCREEN_FIRST_ITERS` EM iterations and only the :data:`SCREEN_FINALISTS` best run on to ``init_max_iter``.
+SCREEN_FIRST_ITERS = 2
+SCREEN_FINALISTS = 4
+
+
 def screen_and_continue(
     problem: FitProblem, starts: list[Start], info: dict, sched: Schedule, bars: Bars, ckpt, user
 ) -> tuple[RunResult, dict]:
     """Run every start (screened when there are several and ``init_max_iter`` is set), continue the best.
 
-    Returns the final run and a record of the starts (names, objectives, log-likelihoods, the best).
-    A checkpoint covers the single start, or the run continued after screening.
+    Screening is successive halving where there are more than :data:`SCREEN_FINALISTS` starts: all of them run
+    :data:`SCREEN_FIRST_ITERS` EM iterations, the :data:`SCREEN_FINALISTS` best of those run on to
+    ``init_max_iter``, and the best of these is continued. Only the finalists' states are held (each has
+    ``(p, K)`` logits). Returns the final run and a record of the starts (names, the objective and
+    log-likelihood each reached in screening, the best). A checkpoint covers the single start, or the run
+    continued after screening.
     """
     screen = sched.init_max_iter is not None and len(starts) > 1
     iters = sched.init_max_iter if screen else sched.max_iter
     if len(starts) == 1 and ckpt is not None:
         ckpt.extra.update(init_names=[starts[0].name], screen_iters=0)
-    bar = bars.open(f"screening {len(starts)} starts" if screen else "EM", iters * (len(starts) if screen else 1))
-    results = []
-    for s in starts:
+    first = min(SCREEN_FIRST_ITERS, iters) if screen and len(starts) > SCREEN_FINALISTS else iters
+    n_final = min(len(starts), SCREEN_FINALISTS) if first < iters else len(starts)
+    total = first * len(starts) + (iters - first) * n_final if screen else iters
+    bar = bars.open(f"screening {len(starts)} starts" if screen else "EM", total)
+    reached: list[tuple[float, float]] = []  # (objective, log-likelihood) of every start, for the record
+    held: dict[int, RunResult] = {}  # the finalists' runs (each state has (p, K) logits)
+    for i, s in enumerate(starts):
         cb = run_callback("screening" if screen else "em", s.name, bar, ckpt if len(starts) == 1 else None, user)
         point = problem.evaluate(problem.state(s.alpha, s.beta))
         switch = None if screen else _switch(sched)
-        results.append(run(problem, point, iters, accelerate=sched.accelerate, callback=cb, switch_rate=switch))
-    best = max(range(len(results)), key=lambda i: results[i].point.objective)
-    result = results[best]
-    record = _record(starts, results, best, info, result.n_iter if screen else 0)
+        held[i] = run(problem, point, first, accelerate=sched.accelerate, callback=cb, switch_rate=switch)
+        reached.append((held[i].point.objective, held[i].point.loglik))
+        for j in sorted(held, key=lambda j: -held[j].point.objective)[n_final:]:
+            del held[j]
+    if first < iters:
+        for i, r in held.items():
+            cb = run_callback("screening", starts[i].name, bar, None, user, r.n_iter)
+            held[i] = run(problem, r.point, iters, accelerate=sched.accelerate, history=r.history, n_done=r.n_iter,
+                          callback=cb)  # fmt: skip
+            reached[i] = (held[i].point.objective, held[i].point.loglik)
+    best = max(held, key=lambda i: held[i].point.objective)
+    result = held[best]
+    record = _record(starts, reached, best, info, result.n_iter if screen else 0)
     if not screen:
         return result, record
     if ckpt is not None:
