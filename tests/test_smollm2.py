@@ -99,13 +99,16 @@ def test_moves_leave_a_merged_and_split_basin_on_smollm2(smollm2):
 
 
 @pytest.mark.slow
-def test_companion_transfers_give_a_near_deterministic_prompts_tail_back(smollm2, monkeypatch):
+def test_transfers_give_a_near_deterministic_prompts_tail_back(smollm2):
     """K = 2: one prompt puts about 92% on one token. The start hands that law's next four tokens (its tail,
     3% of the data) to the other prompt's component, each group moment-matched: EM and L-BFGS end below the
-    oracle (4.7e-6 per token with transformers 5.24 / gguf 0.19; about 1e-3 with the packages of earlier
-    sessions: where the stuck point lies depends on the model's exact logits and on EM's path). The k-means
-    halves of the component's tokens gain nothing from there; a frequent token with its companions does (a
-    kept transfer, 6.5e-7 per token here) and the fit ends within 1e-5 of the oracle."""
+    oracle (1.4e-4 per token with transformers 5.25 / gguf 0.19, 4.7e-6 with 5.24, about 1e-3 with the packages
+    of earlier sessions: where the stuck point lies depends on the model's exact logits and on EM's path).
+    Transfers of both kinds (k-means halves and a frequent token with its companions) take the fit back to the
+    oracle's objective (5.25: four kept, ending 9e-6 per token above the oracle; with 5.24 the companions did
+    it and the halves alone gained nothing). Which kind gains depends on the logits; when the first continued
+    trial that gained was kept instead of the better of the two continued, a companion transfer gaining 8.7e-6
+    per token decided the path here and the fit stayed 1.3e-4 below the oracle."""
     from torch_softmix import EMFitter, hf, moves
 
     model, tok = smollm2
@@ -134,12 +137,8 @@ def test_companion_transfers_give_a_near_deterministic_prompts_tail_back(smollm2
     stuck.fit(design, counts=counts)
     assert stuck.objective_ < oracle - 1e-6
     end = {"alpha": stuck.head_.alpha.detach().double(), "beta": stuck.head_.beta.detach().double()}
-    monkeypatch.setattr(moves, "TRANSFER_LEADS", 0)  # the k-means halves alone
-    halves = EMFitter(2, init=end, n_moves=0, n_transfers=3, random_state=0)
-    halves.fit(design, counts=counts)
-    monkeypatch.undo()
     moved = EMFitter(2, init=end, n_moves=0, n_transfers=3, random_state=0)
     moved.fit(design, counts=counts)
     assert moved.moves_["kept"] >= 1
-    assert moved.objective_ > halves.objective_ + 1e-7  # the companions give back what the halves do not
+    assert oracle - moved.objective_ <= 0.1 * (oracle - stuck.objective_)
     assert moved.objective_ > oracle - 1e-5
