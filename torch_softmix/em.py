@@ -103,13 +103,14 @@ class EMFitter:
             ``None``: EM runs to its own convergence first.
         n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
             ``n_moves`` best-ranked (merge, split) pairs, each split two ways and screened by a few EM
-            iterations; the two best trials are continued by EM and L-BFGS and the better one is kept when it
-            raises the objective (:func:`~torch_softmix.search.refine`); ``0``: none. With the vocabulary shared among
+            iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
+            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. With the vocabulary shared among
             ranks, every rank takes the same moves (the same result as one process).
         n_transfers: after the moves, rounds of *transfers*: a group of one component's frequent tokens (a
             k-means half, or a token with its companions) handed to another component
             (:func:`~torch_softmix.moves.transfer_starts`); the ``n_transfers`` best-scored of each kind are
-            screened, continued and kept like the moves (so the fit ends at least as high as without them).
+            screened like the moves, both finalists continued and the better kept if it gains (so the fit ends
+            at least as high as without them).
             ``0`` (default): none; ``3`` is what the README's "Limitations" measured on SmolLM2 (what they buy
             there, and at what price). One process only: skipped (with a warning) when the vocabulary is
             shared among ranks.
