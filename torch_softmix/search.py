@@ -119,8 +119,8 @@ def screen_and_continue(
     iters = sched.init_max_iter if screen else sched.max_iter
     if len(starts) == 1 and ckpt is not None:
         ckpt.extra.update(init_names=[starts[0].name], screen_iters=0)
-    first = min(SCREEN_FIRST_ITERS, iters) if screen and len(starts) > SCREEN_FINALISTS else iters
-    n_final = min(len(starts), SCREEN_FINALISTS) if first < iters else len(starts)
+    halve = screen and len(starts) > SCREEN_FINALISTS and iters > SCREEN_FIRST_ITERS
+    first, n_final = (SCREEN_FIRST_ITERS, SCREEN_FINALISTS) if halve else (iters, len(starts))
     total = first * len(starts) + (iters - first) * n_final if screen else iters
     bar = bars.open(f"screening {len(starts)} starts" if screen else "EM", total)
     reached: list[tuple[float, float]] = []  # (objective, log-likelihood) of every start, for the record
@@ -133,7 +133,7 @@ def screen_and_continue(
         reached.append((held[i].point.objective, held[i].point.loglik))
         for j in sorted(held, key=lambda j: -held[j].point.objective)[n_final:]:
             del held[j]
-    if first < iters:
+    if halve:
         for i, r in held.items():
             cb = run_callback("screening", starts[i].name, bar, None, user, r.n_iter)
             held[i] = run(problem, r.point, iters, accelerate=sched.accelerate, history=r.history, n_done=r.n_iter,
@@ -209,7 +209,8 @@ def refine(
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     screen = min(MOVE_SCREEN_ITERS, sched.max_iter)  # a trial never runs more EM iterations than the fit may
-    for n_moves, n_transfers in ((sched.n_moves, 0), (0, sched.n_transfers)):  # the moves' phase, then transfers'
+    # the moves' phase, then the transfers': moves keep the first finalist that gains, transfers the better of two
+    for n_moves, n_transfers, keep_better in ((sched.n_moves, 0, False), (0, sched.n_transfers, True)):
         if n_moves + n_transfers == 0:
             continue
         for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
@@ -226,12 +227,10 @@ def refine(
                 info["continued"] += 1
                 if sched.polish_iter > 0:
                     trial, _ = polish_phase(problem, trial, sched, bars, None, start)
-                if not n_transfers:  # moves: the first finalist that gains is kept
-                    best = trial
-                    if _gains(problem, best, result):
-                        break
-                elif best is None or _gains(problem, trial, best):  # transfers: the better of the two; a later one
-                    best = trial  # must beat the earlier by as much as a move must gain (rounding never decides)
+                if not keep_better or best is None or _gains(problem, trial, best):  # a later finalist must beat
+                    best = trial  # the earlier by as much as a move must gain: rounding never decides a near-tie
+                if not keep_better and _gains(problem, best, result):
+                    break
             if best is None or not _gains(problem, best, result):
                 break
             info["kept"] += 1

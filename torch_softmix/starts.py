@@ -157,18 +157,14 @@ def kmeans_starts(
     per_solve = max(K, KMEANS_BATCH_ATOMS // K * K)
     for lo in range(0, W.numel(), per_solve):
         w, s1 = W[lo : lo + per_solve], S1[lo : lo + per_solve]
-        zero = torch.zeros(w.numel(), X.shape[1], dtype=torch.float64)
+        zero = torch.zeros(w.numel(), X.shape[1], dtype=torch.float64, device=X.device)
         state = AtomState.from_beta(X, zero, bias, dtype, chunk_size, comm)
         for _ in range(newton_steps):  # the ridge of one start's data (every start's clusters hold the same tokens)
             state, _ = newton_m_step(X, state, w, s1, ridge * float(W[:K].sum()), dtype=dtype, method="newton-cg",
                                      chunk_size=chunk_size, comm=comm)  # fmt: skip
         betas.append(state.beta)
     beta = torch.cat(betas)
-    out = []
-    for i in range(n_starts):
-        w = Ws[i]
-        out.append(((w + 1e-12) / (w.sum() + K * 1e-12), beta[i * K : (i + 1) * K]))
-    return out
+    return [((w + 1e-12) / (w.sum() + K * 1e-12), beta[i * K : (i + 1) * K]) for i, w in enumerate(Ws)]
 
 
 def kmeans_start(X: Tensor, counts: TokenCounts, n_components: int, gen: torch.Generator, **kw) -> tuple[Tensor, Tensor]:
