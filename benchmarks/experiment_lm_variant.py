@@ -9,6 +9,7 @@ process; the oracle is not refitted (it would need the variant too: with ``n_mov
 oracle's own time grows a little).
 
     python benchmarks/experiment_lm_variant.py --variant '{"n_transfers": 3}' --N 1e5
+    python benchmarks/experiment_lm_variant.py --variant '{"n_moves": 18}' --seeds 4006 4016 --cases FILE
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", required=True, help="JSON dict of EMFitter settings, e.g. '{\"n_transfers\": 3}'")
     ap.add_argument("--N", type=float, nargs="+", default=[1e5, 1e6])
+    ap.add_argument("--K", type=int, nargs="+", default=None, help="only these K (default: every recorded one)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these cases' seeds (default: all)")
     ap.add_argument("--cases", type=Path, default=Path("benchmarks/results/lm_smollm2.jsonl"))
     ap.add_argument("--cache", type=Path, default=Path("benchmarks/results/.smollm2_atoms.pt"))
     ap.add_argument("--out", type=Path, default=None, help="JSON lines (default: results/lm_variant_<settings>.jsonl)")
@@ -42,6 +45,8 @@ def main() -> None:
     for ref in cases:
         K, N, seed = ref["K"], ref["N"], ref["seed"]
         if (K, N, seed) in done or N not in {int(n) for n in args.N}:
+            continue
+        if (args.K and K not in args.K) or (args.seeds and seed not in args.seeds):
             continue
         _, truth, counts = E.make_case(X, B, K, N, seed)
         design = Design(X)

@@ -104,8 +104,10 @@ class EMFitter:
         n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
             ``n_moves`` best-ranked (merge, split) pairs, each split two ways and screened by a few EM
             iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
-            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. With the vocabulary shared among
-            ranks, every rank takes the same moves (the same result as one process).
+            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. ``K (K - 1)^2 / 2`` or more screens
+            every move there is each round (slower by about ten times at ``K = 4`` on SmolLM2, and more often
+            right: the README's "Where the search misses"). With the vocabulary shared among ranks, every rank
+            takes the same moves (the same result as one process).
         n_transfers: after the moves, rounds of *transfers*: a group of one component's frequent tokens (a
             k-means half, or a token with its companions) handed to another component
             (:func:`~torch_softmix.moves.transfer_starts`); the ``n_transfers`` best-scored of each kind are
