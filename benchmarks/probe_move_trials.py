@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 from pathlib import Path
 
 import experiment_lm as E
@@ -39,14 +38,6 @@ from torch_softmix.search import MOVE_SCREEN_ITERS, Schedule, polish_phase
 AT = (10, 40, 150)  # L-BFGS iterations at which the trials are ranked
 
 
-def fitted(design, counts, K, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        f = EMFitter(K, **kw)
-        f.fit(design, counts=counts)
-    return f
-
-
 def ranks(values: list[float], members: list[int]) -> list[int]:
     """The rank (0 = highest value) of each member."""
     order = sorted(range(len(values)), key=lambda i: -values[i])
@@ -57,8 +48,8 @@ def probe(X, B, K: int, N: int, seed: int) -> dict:
     _, truth, counts = E.make_case(X, B, K, N, seed)
     design = Design(X)
     design.whitening  # noqa: B018
-    oracle = fitted(design, counts, K, init=truth, random_state=0)
-    default = fitted(design, counts, K, random_state=seed)
+    oracle, _ = E.fit(design, counts, K, init=truth, random_state=0)
+    default, _ = E.fit(design, counts, K, random_state=seed)
     problem, _ = EMFitter(K)._problem(design, None, None, counts)
     head = default.head_
     point = problem.evaluate(problem.state(head.alpha.detach().double(), head.beta.detach().double()))

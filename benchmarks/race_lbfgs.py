@@ -50,14 +50,20 @@ GAP = 1e-7
 RIDGE = 1e-6
 
 
-def loglik_per_token(X64: torch.Tensor, bias, counts: TokenCounts, log_alpha, beta) -> float:
-    """THE objective: exact float64 marginal log-likelihood per token minus the ridge penalty."""
+def objective(X64: torch.Tensor, bias, counts: TokenCounts, log_alpha, beta) -> torch.Tensor:
+    """THE objective, as a differentiable float64 scalar: exact marginal log-likelihood per token minus the ridge
+    penalty (``log_alpha`` need not be normalised)."""
     lg = X64 @ beta.double().T
     if bias is not None:
         lg = lg + bias.double()[:, None]
     log_s = lg - torch.logsumexp(lg, 0)
     lp = torch.logsumexp(log_s[counts.support] + torch.log_softmax(log_alpha.double(), 0), 1)
-    return float((counts.values.double() * lp).sum() / counts.total) - 0.5 * RIDGE * float((beta.double() ** 2).sum())
+    return (counts.values.double() * lp).sum() / counts.total - 0.5 * RIDGE * (beta.double() ** 2).sum()
+
+
+def loglik_per_token(X64: torch.Tensor, bias, counts: TokenCounts, log_alpha, beta) -> float:
+    """:func:`objective` as a float: how every method's recorded points are scored."""
+    return float(objective(X64, bias, counts, log_alpha, beta))
 
 
 def plain_lbfgs(X, bias, counts: TokenCounts, alpha0, beta0, max_iter: int, record):
