@@ -118,18 +118,18 @@ def count_task(comm: Comm, args: dict) -> dict:
 
 
 def top_token_task(comm: Comm, args: dict) -> list[int]:
-    """The global id of the most frequent token (:func:`torch_softmix.moves._top_token`) as each rank finds it
-    (``-1`` where another rank holds it), for counts with ties at the top across the ranks' rows."""
+    """The global id of the most frequent token (what a "peak" split of :mod:`torch_softmix.moves` separates:
+    :func:`torch_softmix.starts.frequent_rows`) as each rank finds it, for counts with ties at the top across
+    the ranks' rows."""
     from torch_softmix.data import TokenCounts
-    from torch_softmix.engine import FitProblem
-    from torch_softmix.moves import _top_token
+    from torch_softmix.starts import frequent_rows
 
     design = Design(sim.gaussian_design(P, L, seed=0, dtype=torch.float64), comm=comm)
     out = []
     for dense in (torch.arange(P, dtype=torch.float64) % 97, torch.flip(torch.arange(P, dtype=torch.float64), [0])):
         share = TokenCounts.from_dense(dense).rows(design.lo, design.hi)
-        i = _top_token(FitProblem(design, share, torch.float64), share)
-        out.append(-1 if i is None else int(share.support[i]) + design.lo)
+        ids, _, _ = frequent_rows(design.X, share, 1, comm, design.lo)
+        out.append(int(ids[0]))
     return out
 
 

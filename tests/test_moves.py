@@ -5,7 +5,7 @@ import torch
 
 from torch_softmix import EMFitter, TokenCounts, search
 from torch_softmix import simulate as sim
-from torch_softmix.moves import _merged_atom, apply_move, candidate_moves, shares, transfer_starts
+from torch_softmix.moves import apply_move, atoms_for, build_pieces, candidate_moves, shares, transfer_starts
 from torch_softmix.starts import weighted_kmeans
 
 L = 16
@@ -51,26 +51,39 @@ def test_moves_reach_the_oracle_and_keep_the_fit_monotone(stuck):
     obj = [h["objective"] for h in f.history_]  # accepted iterates only: one entry per kept move
     assert all(b >= a - 1e-12 for a, b in zip(obj, obj[1:]))
     assert sum(h.get("phase") == "move" for h in f.history_) == f.moves_["kept"]
-    # every trial is screened; only the best few of a round are run to convergence, one at least per kept move
+    # every move is tried each round; only the best screened are run to convergence, one at least per kept move
     m = f.moves_
-    assert m["tried"] == m["rounds"] * 2 * f.n_moves
-    assert m["kept"] <= m["continued"] <= m["rounds"] * search.MOVE_FINALISTS < m["tried"]
+    assert m["tried"] == m["rounds"] * 3 * 2**2  # K (K - 1)^2 / 2 moves x 2 ways to split
+    assert m["kept"] <= m["continued"] <= m["rounds"] * f.n_moves < m["tried"]
 
 
-def test_candidate_moves_are_ranked_and_give_valid_starts(stuck):
-    X, truth, counts, bad, _ = stuck
+def test_every_move_is_listed_ranked_and_built_from_shared_pieces(stuck):
+    X, truth, counts, bad, best = stuck
     f = EMFitter(3, init=bad, n_moves=0, n_transfers=0)
     f.fit(X, counts=counts)
     problem, _ = f._problem(X, None, None, counts)
     point = problem.evaluate(problem.state(f.head_.alpha.detach().double(), f.head_.beta.detach().double()))
-    moves = candidate_moves(problem, point, 2)
-    assert len(moves) == 4 and {m.how for m in moves} == {"kmeans", "peak"}
+    moves = candidate_moves(problem, point)
+    assert len(moves) == 3 * 2**2 // 2 * 2  # K (K - 1)^2 / 2 moves, each split two ways
+    assert {m.how for m in moves} == {"kmeans", "peak"}
+    assert len({(m.merge, m.split, m.how) for m in moves}) == len(moves)
     scores = [m.score for m in moves]
     assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
     assert all(m.split not in m.merge or m.split == m.merge[0] for m in moves)
-    alpha, beta = apply_move(problem, point, moves[0], torch.Generator().manual_seed(0))
-    assert alpha.shape == (3,) and beta.shape == (3, L)
-    assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-12) and torch.isfinite(beta).all()
+    assert candidate_moves(problem, point, 2) == moves[:4]
+    pieces = build_pieces(problem, point, moves, torch.Generator().manual_seed(0))
+    assert len(pieces.merges) == 3 and len(pieces.splits) == (3 + 3) * 2  # each pair merged; each group split 2 ways
+    objectives = []
+    for m in moves:
+        alpha, beta = apply_move(point, m, pieces)
+        assert alpha.shape == (3,) and beta.shape == (3, L)
+        assert float(alpha.sum()) == pytest.approx(1.0, abs=1e-12) and torch.isfinite(beta).all()
+        untouched = [k for k in range(3) if k not in (*m.merge, m.split)]
+        assert torch.equal(beta[untouched], point.state.beta[untouched])
+        objectives.append(problem.evaluate(problem.state(alpha, beta)).objective)
+    # the move that undoes the start (merge the split component's two atoms, split the merged one) is among them,
+    # and it starts higher than the stuck fit's end
+    assert max(objectives) > point.objective
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "2"])
@@ -99,7 +112,7 @@ def misowned():
     hard[part, 1] += hard[part, 0]
     hard[part, 0] = 0
     W = hard.sum(0)
-    beta = torch.stack([_merged_atom(problem, torch.zeros(L, dtype=torch.float64), hard[:, k], W[k]) for k in range(3)])
+    beta = atoms_for(problem, hard)
     return X, counts, {"alpha": W / W.sum(), "beta": beta}, oracle
 
 

@@ -127,9 +127,7 @@ def test_transfers_give_a_near_deterministic_prompts_tail_back(smollm2):
     hard[tail, 0] += hard[tail, 1]
     hard[tail, 1] = 0
     W = hard.sum(0)
-    L = design.X.shape[1]
-    beta = torch.stack([moves._merged_atom(problem, torch.zeros(L, dtype=torch.float64), hard[:, k], W[k])
-                        for k in range(2)])  # fmt: skip
+    beta = moves.atoms_for(problem, hard)
     bad = {"alpha": W / W.sum(), "beta": beta}
     oracle = EMFitter(2, init=truth, n_moves=0, n_transfers=0)
     oracle = oracle.fit(design, counts=counts).fit_info["objective_per_token"]

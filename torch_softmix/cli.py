@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--init-max-iter", type=int, default=lm["init_max_iter"], help="EM iterations per start")
     sp.add_argument("--max-iter", type=int, default=lm["max_iter"], help="EM iterations after screening")
     sp.add_argument("--polish-iter", type=int, default=lm["polish_iter"], help="L-BFGS iterations after EM")
-    sp.add_argument("--n-moves", type=int, default=lm["n_moves"], help="split-and-merge moves tried per round (0: none)")
+    sp.add_argument("--n-moves", type=int, default=lm["n_moves"], help="screened split-and-merge moves continued per round (0: no moves)")
     sp.add_argument("--n-transfers", type=int, default=lm["n_transfers"],
                     help="transfers of each kind (part of one component's data to another) tried per round "
                          "(0: none; 3: slower, finds the right components more often on LM mixtures)")

@@ -101,13 +101,12 @@ class EMFitter:
             fast while it makes big moves, L-BFGS where EM creeps (an EM map costs about three L-BFGS
             iterations' passes, so a rate of 0.3 per map is already slower than L-BFGS near an optimum).
             ``None``: EM runs to its own convergence first.
-        n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`) try the
-            ``n_moves`` best-ranked (merge, split) pairs, each split two ways and screened by a few EM
-            iterations; the best trials are continued by EM and L-BFGS and the first that raises the objective
-            is kept (:func:`~torch_softmix.search.refine`); ``0``: none. ``K (K - 1)^2 / 2`` or more screens
-            every move there is each round (slower by about ten times at ``K = 4`` on SmolLM2, and more often
-            right: the README's "Where the search misses"). With the vocabulary shared among ranks, every rank
-            takes the same moves (the same result as one process).
+        n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`): each
+            round builds every move there is (at most 64 trials, the best-scored, where ``K > 4``), screens them
+            by a few EM iterations, and continues the ``n_moves`` best screened by EM and L-BFGS, best first; the
+            first that raises the objective is kept and the next round begins
+            (:func:`~torch_softmix.search.refine`). ``0``: no moves. With the vocabulary shared among ranks,
+            every rank takes the same moves (the same result as one process).
         n_transfers: after the moves, rounds of *transfers*: a group of one component's frequent tokens (a
             k-means half, or a token with its companions) handed to another component
             (:func:`~torch_softmix.moves.transfer_starts`); the ``n_transfers`` best-scored of each kind are

@@ -15,8 +15,17 @@ Everything is computed from one E-step at the current point, on the support of t
   take turns on the same tokens.
 
 A move ``(merge=(i, j), split=k)`` gives ``i`` and ``j``'s data one atom (their moment match) and ``k``'s data
-two (k-means of its frequent tokens, then a few EM iterations on that data alone); ``k`` may be ``i`` itself
-(the pair's data re-split afresh), which is the only kind of move when ``K = 2``.
+two (two groups of its tokens, moment-matched, then a few EM iterations on that data alone); ``k`` may be ``i``
+itself (the pair's data re-split afresh), which is the only kind of move when ``K = 2``. Each split is made two
+ways: k-means of the data's frequent tokens, and its most frequent token against the rest ("peak").
+
+The scores rank moves poorly on LM mixtures (from a stuck SmolLM2 fit, the moves that raised the objective were
+rarely the best-scored), so a round tries every move there is, ``K (K - 1)^2 / 2`` of them, and the fit screens
+them by the objective a few EM iterations later. Moves share their parts: a round has ``K`` single splits,
+``K (K - 1) / 2`` pair re-splits and as many merges, whatever the number of moves. :func:`build_pieces` builds
+each part once, and fits all the atoms together (:data:`PIECE_ATOMS` per batch): each pass over ``X`` then
+carries many columns, where one move at a time would read ``X`` for one or two. :func:`apply_move` assembles a
+move's start from the parts.
 
 A *transfer* keeps every component but hands a group of one component's tokens to another: the other typical
 wrong basin on LM mixtures has a few of one law's tokens (a few percent of the data) owned by the wrong
@@ -38,15 +47,22 @@ from torch import Tensor
 
 from . import curvature, kernels
 from .data import TokenCounts
-from .engine import FitProblem, Point, run
+from .engine import FitProblem, Point
 from .mstep import AtomState, diagonal_solver, newton_m_step
 from .objective import per_token_objective
-from .starts import frequent_rows, kmeans_start, weighted_kmeans
+from .starts import frequent_rows, weighted_kmeans
 
-#: EM iterations of the two-component fit that splits one component's data.
-SPLIT_EM_ITERS = 20
-#: Newton steps of a merged atom's moment match.
-MERGE_NEWTON_STEPS = 8
+#: A split's k-means clusters this many of its data's most frequent tokens (as the k-means start does).
+SPLIT_TOP = 300
+#: Newton steps of the moment matches that start every new atom (a merge, either half of a split).
+MATCH_STEPS = 8
+#: EM iterations of each split's two-component fit on its own data (all splits of a round at once).
+SPLIT_EM_ITERS = 5
+#: Atoms fitted together when a round's pieces are built: their logits are ``p x`` this many float64.
+PIECE_ATOMS = 64
+#: A round builds at most this many trials (moves x two ways to split): ``K (K - 1)^2`` of them exist, 36 at
+#: ``K = 4``, 392 at ``K = 8``. Beyond it the best-scored moves are taken.
+MAX_MOVE_TRIALS = 400
 #: A component's most frequent tokens (by its share of the data) split in two for its transfers.
 TRANSFER_TOP = 300
 #: Damped Newton steps (the M-step's) re-fitting the atoms for a transfer's score. Three ranked the right group
@@ -82,8 +98,13 @@ def shares(problem: FitProblem, point: Point) -> tuple[Tensor, Tensor]:
     return c.values[:, None] * gamma, log_s
 
 
-def candidate_moves(problem: FitProblem, point: Point, n_moves: int) -> list[Move]:
-    """The ``n_moves`` most promising moves, best first (ranked by split score times merge score)."""
+def candidate_moves(problem: FitProblem, point: Point, n_moves: int | None = None) -> list[Move]:
+    """Every move (or the ``n_moves`` best-scored ones), each split two ways, best score first.
+
+    The score is the split score times the merge score (see the module's docstring); the fit screens every
+    move it lists by the objective after a few EM iterations, so the score only orders the list and, where a
+    round would list too many moves (:data:`MAX_MOVE_TRIALS`), chooses which are built.
+    """
     R, log_s = shares(problem, point)
     comm = problem.comm
     K = R.shape[1]
@@ -108,83 +129,207 @@ def candidate_moves(problem: FitProblem, point: Point, n_moves: int) -> list[Mov
     return [Move(m.merge, m.split, m.score, how) for m in moves[:n_moves] for how in ("kmeans", "peak")]
 
 
-def _merged_atom(problem: FitProblem, beta: Tensor, R: Tensor, W: Tensor) -> Tensor:
-    """The moment-matched atom of the data ``R (S,)`` (total ``W``), from ``beta (L,)``."""
+def match_atoms(problem: FitProblem, W: Tensor, S1: Tensor, beta: Tensor, steps: int = MATCH_STEPS) -> AtomState:
+    """The moment-matched atoms of the data ``W (M,)``, ``S1 (M, L)`` (``m(beta_i) ~ S1_i / W_i``, with the fit's
+    ridge), from ``beta (M, L)``: ``steps`` damped Newton-CG steps on all ``M`` atoms at once (each step's
+    products over ``X`` carry the ``M`` columns together)."""
+    state = AtomState.from_beta(problem.X, beta, problem.bias, problem.dtype, problem.chunk_size, problem.comm)
+    state, _ = newton_m_step(
+        problem.X, state, W.clamp_min(1e-12), S1, problem.lam, dtype=problem.dtype, method="newton-cg",
+        max_steps=steps, cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol, chunk_size=problem.chunk_size,
+        comm=problem.comm,
+    )  # fmt: skip
+    return state
+
+
+def atoms_for(problem: FitProblem, R: Tensor, steps: int = MATCH_STEPS) -> Tensor:
+    """The moment-matched atoms ``(M, L)`` of the data columns ``R (S, M)`` (counts on the support shared out
+    among ``M`` groups, e.g. a hard partition), from zero: :func:`match_atoms` of their totals and first moments."""
     c = problem.counts
-    S1 = kernels.allsum(kernels.weighted_sum(problem.X, R[:, None].to(problem.dtype), c.support,
-                                             problem.chunk_size), problem.comm, "moves_S1").to(torch.float64)  # fmt: skip
-    state = AtomState.from_beta(problem.X, beta[None], problem.bias, problem.dtype, problem.chunk_size, problem.comm)
-    for _ in range(MERGE_NEWTON_STEPS):
-        state, _ = newton_m_step(
-            problem.X, state, W.reshape(1), S1.reshape(1, -1), problem.ridge * float(W), dtype=problem.dtype,
-            method=problem.m_step, cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol,
-            chunk_size=problem.chunk_size, comm=problem.comm,
-        )  # fmt: skip
-    return state.beta[0]
+    W = kernels.allsum(R.sum(0), problem.comm, "atoms_W")
+    S1 = kernels.allsum(kernels.weighted_sum(problem.X, R.to(problem.dtype), c.support, problem.chunk_size),
+                        problem.comm, "atoms_S1").to(torch.float64)  # fmt: skip
+    zero = torch.zeros(R.shape[1], problem.X.shape[1], dtype=torch.float64, device=R.device)
+    return match_atoms(problem, W, S1, zero, steps).beta
 
 
-def _top_token(problem: FitProblem, data: TokenCounts) -> int | None:
-    """The position in ``data`` (this rank's rows) of its most frequent token over the whole vocabulary, ties
-    broken by id as in one process (:func:`~torch_softmix.starts.frequent_rows`), or ``None`` when another rank
-    holds it."""
-    ids, _, _ = frequent_rows(problem.X, data, 1, problem.comm, problem.design.lo)
-    mine = torch.nonzero(data.support + problem.design.lo == ids[0])
-    return int(mine[0]) if mine.numel() else None
+def _split_data(problem: FitProblem, r: Tensor, W: Tensor, S1: Tensor, gen: torch.Generator) -> dict:
+    """The two groups each way of splitting the data ``r (S,)`` (total ``W``, first moment ``S1 (L,)``):
+    ``{how: (W (2,), S1 (2, L))}``.
 
-
-def _split(problem: FitProblem, R: Tensor, gen: torch.Generator, how: str) -> tuple[Tensor, Tensor]:
-    """Two components ``(alpha (2,), beta (2, L))`` for the data ``R (S,)``, then a short EM on that data alone.
-
-    ``how="kmeans"``: the k-means start of the data's frequent tokens; ``"peak"``: the data's most frequent
-    token alone against the rest (each group moment-matched), the start of a near-deterministic law.
+    ``"kmeans"``: count-weighted spherical k-means of the :data:`SPLIT_TOP` most frequent tokens' whitened
+    embeddings (those tokens only, as the k-means start); ``"peak"``: the most frequent token against the rest
+    of the data, the start of a near-deterministic law. Over several ranks the frequent tokens are gathered
+    (:func:`~torch_softmix.starts.frequent_rows`), so every rank forms the same groups.
     """
-    c = problem.counts
-    keep = R > 0
-    data = TokenCounts(c.support[keep], R[keep], c.vocab_size)
-    sub = FitProblem(problem.design, data, problem.dtype, problem.ridge, problem.m_step, 1, problem.cg_max_iter,
-                     problem.cg_rtol, problem.tol, n_total=float(kernels.allsum(R.sum().reshape(1), problem.comm,
-                                                                                "moves_n")))  # fmt: skip
     d = problem.design
-    if how == "peak":
-        groups = torch.zeros(data.n_distinct, 2, dtype=torch.float64, device=R.device)
-        groups[:, 1] = data.values
-        top = _top_token(problem, data)
-        if top is not None:  # on the rank that holds it
-            groups[top] = torch.stack([data.values[top], data.values.new_zeros(())])
-        W = kernels.allsum(groups.sum(0), problem.comm, "moves_W2")
-        beta = torch.stack([_merged_atom(sub, torch.zeros_like(d.whitening.mean), groups[:, g], W[g]) for g in (0, 1)])
-        alpha = W / W.sum()
-    else:
-        alpha, beta = kmeans_start(d.X, data, 2, gen, whitening=d.whitening, bias=d.bias, ridge=problem.ridge,
-                                   dtype=problem.dtype, chunk_size=d.chunk_size, comm=d.comm, offset=d.lo)  # fmt: skip
-    result = run(sub, sub.evaluate(sub.state(alpha, beta)), SPLIT_EM_ITERS)
-    return result.state.log_alpha.exp(), result.state.beta
+    c = problem.counts
+    keep = r > 0
+    _, w, Xs = frequent_rows(problem.X, TokenCounts(c.support[keep], r[keep], c.vocab_size), SPLIT_TOP, problem.comm,
+                             d.lo)  # fmt: skip
+    labels, _ = weighted_kmeans((Xs - d.whitening.mean) @ d.whitening.W, w, 2, gen)
+    G = torch.zeros(w.numel(), 2, dtype=torch.float64, device=w.device)
+    G[torch.arange(w.numel(), device=w.device), labels] = w
+    peak_W = torch.stack([w[0], W - w[0]])
+    peak_S1 = torch.stack([w[0] * Xs[0], S1 - w[0] * Xs[0]])
+    return {"kmeans": (G.sum(0), G.T @ Xs), "peak": (peak_W, peak_S1)}
 
 
-def apply_move(problem: FitProblem, point: Point, move: Move, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The start ``(alpha (K,), beta (K, L))`` after ``move``; the other components keep their atoms and weights."""
+def _fit_splits(problem: FitProblem, data: Tensor, W: Tensor, S1: Tensor, beta: Tensor) -> tuple[Tensor, AtomState]:
+    """Two-component fits, many at once: split ``g`` has the data ``data[:, g]`` (``data (S, G)``), groups
+    ``W (G, 2)``, ``S1 (G, 2, L)`` and start ``beta (G, 2, L)``. Each pair of atoms is moment-matched to its
+    groups, then :data:`SPLIT_EM_ITERS` EM iterations run on each split's own data (one pass over ``X`` per
+    step for all ``2 G`` atoms). Returns the weights ``(G, 2)`` and the ``2 G`` atoms (split ``g``'s are
+    ``2 g`` and ``2 g + 1``)."""
+    G, L = W.shape[0], beta.shape[-1]
+    c, comm = problem.counts, problem.comm
+    state = match_atoms(problem, W.reshape(-1), S1.reshape(-1, L), beta.reshape(-1, L))
+    log_w = torch.log(W.clamp_min(1e-300) / W.sum(1, keepdim=True).clamp_min(1e-300))
+    for _ in range(SPLIT_EM_ITERS):
+        log_s = (state.logits.index_select(0, c.support) - state.A).view(-1, G, 2)
+        R = (torch.softmax(log_s + log_w, 2) * data[:, :, None]).reshape(-1, 2 * G)  # (S, 2G) shared out
+        W_new = kernels.allsum(R.sum(0), comm, "split_W")
+        S1_new = kernels.allsum(kernels.weighted_sum(problem.X, R.to(problem.dtype), c.support, problem.chunk_size),
+                                comm, "split_S1").to(torch.float64)  # fmt: skip
+        W2 = W_new.view(G, 2)
+        log_w = torch.log(W2.clamp_min(1e-300) / W2.sum(1, keepdim=True).clamp_min(1e-300))
+        state, _ = newton_m_step(
+            problem.X, state, W_new.clamp_min(1e-12), S1_new, problem.lam, dtype=problem.dtype, method="newton-cg",
+            cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol, chunk_size=problem.chunk_size, comm=comm,
+        )  # fmt: skip
+    return log_w.exp(), state
+
+
+@dataclass
+class Piece:
+    """New atoms ``beta (n, L)`` for a move, their weights ``w (n,)`` within the data they share, and their
+    log-laws on the support ``log_s (S, n)`` (so that a move's start is scored without a pass over ``X``)."""
+
+    w: Tensor
+    beta: Tensor
+    log_s: Tensor
+
+
+@dataclass
+class Pieces:
+    """What the moves of one round are made of, each built once: ``splits[(group, how)]`` (two atoms), a group
+    being one component ``(k,)`` or a pair ``(i, j)``, and ``merges[(i, j)]`` (one atom)."""
+
+    splits: dict[tuple, Piece]
+    merges: dict[tuple[int, int], Piece]
+
+
+def _group(move: Move) -> tuple[int, ...]:
+    """The components whose data ``move`` splits: the pair for a re-split, else the one split."""
+    return move.merge if move.split == move.merge[0] else (move.split,)
+
+
+def build_pieces(problem: FitProblem, point: Point, moves: list[Move], gen: torch.Generator) -> Pieces:
+    """Every split and merge that ``moves`` use, each built once and all of them batched.
+
+    A split of a component's (or a pair's) data: its two groups (:func:`_split_data`), moment-matched and
+    fitted on that data alone (:func:`_fit_splits`), started at the data's owners' weighted mean atom. A merge:
+    the moment match of the pair's data, from the same mean atom. :data:`PIECE_ATOMS` atoms are fitted at once.
+    """
     R, _ = shares(problem, point)
-    W = kernels.allsum(R.sum(0), problem.comm, "moves_W")
+    comm, support = problem.comm, problem.counts.support
+    W = kernels.allsum(R.sum(0), comm, "moves_W")
+    S1 = point.stats.S1.to(torch.float64)
+    beta = point.state.beta
+
+    def mean_atom(g: tuple[int, ...]) -> Tensor:
+        gi = list(g)
+        return (W[gi, None] * beta[gi]).sum(0) / W[gi].sum().clamp_min(1e-300)
+
+    def on_support(state: AtomState, cols: slice) -> Tensor:
+        return state.logits[:, cols].index_select(0, support) - state.A[cols]
+
+    wanted = {(_group(m), m.how) for m in moves}
+    keys, data, Ws, S1s, starts = [], [], [], [], []
+    for g in sorted({g for g, _ in wanted}):
+        gi = list(g)
+        r = R[:, gi].sum(1)
+        ways = _split_data(problem, r, W[gi].sum(), S1[gi].sum(0), gen)
+        for how in ("kmeans", "peak"):
+            if (g, how) in wanted:
+                keys.append((g, how))
+                data.append(r)
+                Ws.append(ways[how][0])
+                S1s.append(ways[how][1])
+                starts.append(mean_atom(g).expand(2, -1))
+    splits = {}
+    per = max(1, PIECE_ATOMS // 2)
+    for lo in range(0, len(keys), per):
+        sl = slice(lo, lo + per)
+        w, state = _fit_splits(problem, torch.stack(data[sl], 1), torch.stack(Ws[sl]), torch.stack(S1s[sl]),
+                               torch.stack(starts[sl]))  # fmt: skip
+        for i, key in enumerate(keys[sl]):
+            two = slice(2 * i, 2 * i + 2)
+            splits[key] = Piece(w[i], state.beta[two], on_support(state, two))
+    pairs = sorted({m.merge for m in moves if m.split != m.merge[0]})
+    merges = {}
+    for lo in range(0, len(pairs), PIECE_ATOMS):
+        batch = pairs[lo : lo + PIECE_ATOMS]
+        Wm = torch.stack([W[i] + W[j] for i, j in batch])
+        S1m = torch.stack([S1[i] + S1[j] for i, j in batch])
+        state = match_atoms(problem, Wm, S1m, torch.stack([mean_atom(p) for p in batch]))
+        for i, p in enumerate(batch):
+            merges[p] = Piece(Wm[i : i + 1] / Wm[i], state.beta[i : i + 1], on_support(state, slice(i, i + 1)))
+    return Pieces(splits, merges)
+
+
+def apply_move(point: Point, move: Move, pieces: Pieces, log_s: Tensor | None = None):
+    """The start ``(alpha (K,), beta (K, L))`` after ``move``, from the round's ``pieces``; the other components
+    keep their atoms and weights. With the current log-laws on the support ``log_s (S, K)``, also the start's
+    ``(S, K)`` log-laws (from the pieces' own: no pass over ``X``)."""
     alpha = point.state.log_alpha.exp().clone()
     beta = point.state.beta.clone()
+    laws = None if log_s is None else log_s.clone()
     i, j = move.merge
     k = move.split
-    if k == i:  # re-split the pair's data
-        a2, b2 = _split(problem, R[:, i] + R[:, j], gen, move.how)
+    split = pieces.splits[(_group(move), move.how)]
+    if k == i:  # re-split the pair's data: the two atoms take slots i and j
         total = alpha[i] + alpha[j]
-        alpha[i], alpha[j] = total * a2[0], total * a2[1]
-        beta[i], beta[j] = b2[0], b2[1]
+        alpha[i], alpha[j] = total * split.w[0], total * split.w[1]
+        slots = [i, j]
+    else:  # the merged atom takes slot i; slot j and slot k take the split's two atoms
+        merged = pieces.merges[(i, j)]
+        alpha[i], beta[i] = alpha[i] + alpha[j], merged.beta[0]
+        if laws is not None:
+            laws[:, i] = merged.log_s[:, 0]
+        ak = alpha[k].clone()
+        alpha[j], alpha[k] = ak * split.w[0], ak * split.w[1]
+        slots = [j, k]
+    beta[slots] = split.beta
+    if laws is None:
         return alpha, beta
-    w = W[i] + W[j]
-    start = (W[i] * beta[i] + W[j] * beta[j]) / w.clamp_min(1e-300)
-    merged = _merged_atom(problem, start, R[:, i] + R[:, j], w)
-    a2, b2 = _split(problem, R[:, k], gen, move.how)
-    # the merged atom takes slot i; slot j and slot k take the split's two atoms
-    alpha[i], beta[i] = alpha[i] + alpha[j], merged
-    ak = alpha[k].clone()
-    alpha[j], alpha[k] = ak * a2[0], ak * a2[1]
-    beta[j], beta[k] = b2[0], b2[1]
-    return alpha, beta
+    laws[:, slots] = split.log_s
+    return alpha, beta, laws
+
+
+def ranked_moves(problem: FitProblem, point: Point, gen: torch.Generator, n: int) -> list[tuple[Tensor, Tensor]]:
+    """The ``n`` best starts ``(alpha (K,), beta (K, L))`` of a round's moves, best first, by their objective as
+    built (before any EM iteration).
+
+    Every move is listed (at most :data:`MAX_MOVE_TRIALS` trials, the best-scored), its parts built once
+    (:func:`build_pieces`), and each start's objective is computed on the support from the parts' cached
+    log-laws (one all-reduce of a number per trial over several ranks).
+    """
+    moves = candidate_moves(problem, point, MAX_MOVE_TRIALS // 2)
+    if not moves:
+        return []
+    pieces = build_pieces(problem, point, moves, gen)
+    _, log_s = shares(problem, point)
+    c, N = problem.counts, problem.n_tokens
+    scored = []
+    for move in moves:
+        alpha, beta, laws = apply_move(point, move, pieces, log_s)
+        alpha = alpha / alpha.sum()
+        ll = kernels.allsum((c.values * torch.logsumexp(laws + alpha.log(), 1)).sum().reshape(1), problem.comm,
+                            "moves_loglik")  # fmt: skip
+        scored.append((per_token_objective(float(ll), beta, problem.lam, N), alpha, beta))
+    scored.sort(key=lambda t: -t[0])
+    return [(alpha, beta) for _, alpha, beta in scored[:n]]
 
 
 def _refit_atoms(problem: FitProblem, atoms: AtomState, W: Tensor, S1: Tensor) -> AtomState:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .checkpoint import Checkpointer
 from .engine import FitProblem, Point, RunResult, State, run
-from .moves import apply_move, candidate_moves, transfer_starts
+from .moves import ranked_moves, transfer_starts
 from .polish import polish
 from .progress import Bars
 from .starts import Start
@@ -166,7 +166,13 @@ MIN_MOVE_ROUNDS = 4
 MOVE_GAIN = 1e-8
 #: EM iterations each move's trial runs before the trials are compared (screening).
 MOVE_SCREEN_ITERS = 10
-#: Screened trials continued to convergence (moves: until one raises the objective; transfers: both).
+#: Screening of a round's trials by successive halving: with more than :data:`MOVE_SCREEN_KEEP` trials, every
+#: trial first runs :data:`SCREEN_FIRST_ITERS` EM iterations and only the :data:`MOVE_SCREEN_KEEP` best run on to
+#: :data:`MOVE_SCREEN_ITERS`.
+MOVE_SCREEN_KEEP = 8
+#: A round's moves are ranked by their objective as built; this many of the best are screened by EM iterations.
+MOVE_PRESCREEN = 16
+#: Screened transfers continued to convergence (both; the better is kept if it gains).
 MOVE_FINALISTS = 2
 
 
@@ -175,15 +181,27 @@ def _gains(problem: FitProblem, trial: RunResult, current: RunResult) -> bool:
     return trial.point.objective - current.point.objective > max(MOVE_GAIN, problem.tol)
 
 
-def _screened(problem: FitProblem, starts: list[tuple[Tensor, Tensor]], iters: int, sched: Schedule) -> list[RunResult]:
-    """The :data:`MOVE_FINALISTS` best of the starts ``(alpha, beta)`` after ``iters`` EM iterations each, best
-    first."""
+def _screened(
+    problem: FitProblem, starts: list[tuple[Tensor, Tensor]], iters: int, sched: Schedule, n_final: int
+) -> list[RunResult]:
+    """The ``n_final`` best of the starts ``(alpha, beta)`` after ``iters`` EM iterations each, best first.
+
+    With more than :data:`MOVE_SCREEN_KEEP` starts, successive halving: every start runs
+    :data:`SCREEN_FIRST_ITERS` iterations and the :data:`MOVE_SCREEN_KEEP` best run on to ``iters``. Only the
+    states still in the running are held (each has ``(p, K)`` logits).
+    """
+    halve = len(starts) > MOVE_SCREEN_KEEP and iters > SCREEN_FIRST_ITERS
+    first, n_keep = (SCREEN_FIRST_ITERS, MOVE_SCREEN_KEEP) if halve else (iters, n_final)
     kept: list[RunResult] = []
     for alpha, beta in starts:
-        kept.append(run(problem, problem.evaluate(problem.state(alpha, beta)), iters, accelerate=sched.accelerate))
+        kept.append(run(problem, problem.evaluate(problem.state(alpha, beta)), first, accelerate=sched.accelerate))
         kept.sort(key=lambda r: -r.point.objective)
-        del kept[MOVE_FINALISTS:]  # hold only the finalists' states (each has (p, K) logits)
-    return kept
+        del kept[n_keep:]
+    if halve:
+        kept = [run(problem, r.point, iters, accelerate=sched.accelerate, history=r.history, n_done=r.n_iter)
+                for r in kept]  # fmt: skip
+        kept.sort(key=lambda r: -r.point.objective)
+    return kept[:n_final]
 
 
 def refine(
@@ -191,37 +209,41 @@ def refine(
 ) -> tuple[RunResult, dict]:
     """Split-and-merge moves, then transfers, from a converged fit (:mod:`torch_softmix.moves`).
 
-    Each round of moves tries the ``sched.n_moves`` best-ranked moves, each split two ways (k-means and peak).
-    Every trial runs :data:`MOVE_SCREEN_ITERS` EM iterations (screening, as the starts are screened); then the
-    :data:`MOVE_FINALISTS` best are continued (EM to convergence or ``max_iter`` in all, then L-BFGS), best
-    first, and the first that raises the objective by more than :data:`MOVE_GAIN` per token is kept and a new
-    round begins (at most ``max(2 K, 4)`` rounds); otherwise the moves end. Then, from where the moves ended,
-    rounds of the ``sched.n_transfers`` best-scored transfers of each kind run the same way, except that both
-    finalists are continued and the better is kept (a later one only when it beats the earlier by more than
-    :data:`MOVE_GAIN`, so that rounding never picks between near-ties): the two kinds' screened objectives do
-    not tell which gains more (on a SmolLM2 case a companion transfer screened first and gained 8.7e-6 per
-    token, a k-means half 1.3e-4). For the moves, continuing both changed no result on ten SmolLM2 cases and
-    made the fits about 10% slower. Transfers can only improve on what the moves found. Monotone: only
-    improvements are kept. A trial never runs more EM iterations than
-    ``max_iter``.
+    Each round of moves builds every move there is (each pair of components merged while another is split, or
+    the pair's data re-split; each split two ways: k-means and peak; at most
+    :data:`~torch_softmix.moves.MAX_MOVE_TRIALS` trials, the best-scored), ranks them by their objective as
+    built (:func:`~torch_softmix.moves.ranked_moves`) and screens the :data:`MOVE_PRESCREEN` best by their
+    objective after a few EM iterations (successive halving: :data:`SCREEN_FIRST_ITERS` iterations for all,
+    then :data:`MOVE_SCREEN_ITERS` for the :data:`MOVE_SCREEN_KEEP` best). The ``sched.n_moves`` best screened are
+    continued (EM to convergence or ``max_iter`` in all, then L-BFGS), best first, and the first that raises
+    the objective by more than :data:`MOVE_GAIN` per token is kept and a new round begins (at most
+    ``max(2 K, 4)`` rounds); otherwise the moves end. Then, from where the moves ended, rounds of the
+    ``sched.n_transfers`` best-scored transfers of each kind run the same way, except that the
+    :data:`MOVE_FINALISTS` best screened are both continued and the better is kept (a later one only when it
+    beats the earlier by more than :data:`MOVE_GAIN`, so that rounding never picks between near-ties): the two
+    kinds' screened objectives do not tell which gains more (on a SmolLM2 case a companion transfer screened
+    first and gained 8.7e-6 per token, a k-means half 1.3e-4). Transfers can only improve on what the moves
+    found. Monotone: only improvements are kept. A trial never runs more EM iterations than ``max_iter``.
     """
     info = {"rounds": 0, "tried": 0, "transfers": 0, "continued": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     screen = min(MOVE_SCREEN_ITERS, sched.max_iter)  # a trial never runs more EM iterations than the fit may
     # the moves' phase, then the transfers': moves keep the first finalist that gains, transfers the better of two
-    for n_moves, n_transfers, keep_better in ((sched.n_moves, 0, False), (0, sched.n_transfers, True)):
-        if n_moves + n_transfers == 0:
+    for n_final, n_transfers, keep_better in ((sched.n_moves, 0, False), (MOVE_FINALISTS, sched.n_transfers, True)):
+        if (n_transfers if keep_better else n_final) == 0 or K < 2:
             continue
         for _ in range(max(2 * K, MIN_MOVE_ROUNDS)):
             info["rounds"] += 1
             point = result.point
-            starts = [apply_move(problem, point, move, gen) for move in candidate_moves(problem, point, n_moves)]
-            starts += transfer_starts(problem, point, n_transfers, gen)
+            if keep_better:
+                starts = transfer_starts(problem, point, n_transfers, gen)
+            else:
+                starts = ranked_moves(problem, point, gen, MOVE_PRESCREEN)
             info["tried"] += len(starts)
-            info["transfers"] += len(starts) if n_transfers else 0
+            info["transfers"] += len(starts) if keep_better else 0
             best = None
-            for lead in _screened(problem, starts, screen, sched):  # best screened first
+            for lead in _screened(problem, starts, screen, sched, n_final):  # best screened first
                 trial = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
                             history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
                 info["continued"] += 1
