@@ -5,7 +5,15 @@ import torch
 
 from torch_softmix import EMFitter, TokenCounts, search
 from torch_softmix import simulate as sim
-from torch_softmix.moves import apply_move, atoms_for, build_pieces, candidate_moves, shares, transfer_starts
+from torch_softmix.moves import (
+    apply_move,
+    atoms_for,
+    build_pieces,
+    candidate_moves,
+    ranked_moves,
+    shares,
+    transfer_starts,
+)
 from torch_softmix.starts import weighted_kmeans
 
 L = 16
@@ -84,6 +92,11 @@ def test_every_move_is_listed_ranked_and_built_from_shared_pieces(stuck):
     # the move that undoes the start (merge the split component's two atoms, split the merged one) is among them,
     # and it starts higher than the stuck fit's end
     assert max(objectives) > point.objective
+    # ranked by their objective as built (computed from the pieces' cached laws): the same order as evaluated
+    ranked = ranked_moves(problem, point, torch.Generator().manual_seed(0), 5)
+    assert len(ranked) == 5
+    exact = [problem.evaluate(problem.state(a, b)).objective for a, b in ranked]
+    assert exact == pytest.approx(sorted(objectives, reverse=True)[:5], abs=1e-9)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "2"])

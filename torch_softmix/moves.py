@@ -129,6 +129,12 @@ def candidate_moves(problem: FitProblem, point: Point, n_moves: int | None = Non
     return [Move(m.merge, m.split, m.score, how) for m in moves[:n_moves] for how in ("kmeans", "peak")]
 
 
+def _m_tol(problem: FitProblem) -> float:
+    """The M-step's own rule (:func:`~torch_softmix.engine.m_step`): an atom whose Newton step would gain less
+    than this (units of the total objective) is left as it is, rather than backtracked to no step at all."""
+    return 0.01 * problem.tol * problem.n_tokens
+
+
 def match_atoms(problem: FitProblem, W: Tensor, S1: Tensor, beta: Tensor, steps: int = MATCH_STEPS) -> AtomState:
     """The moment-matched atoms of the data ``W (M,)``, ``S1 (M, L)`` (``m(beta_i) ~ S1_i / W_i``, with the fit's
     ridge), from ``beta (M, L)``: ``steps`` damped Newton-CG steps on all ``M`` atoms at once (each step's
@@ -136,8 +142,8 @@ def match_atoms(problem: FitProblem, W: Tensor, S1: Tensor, beta: Tensor, steps:
     state = AtomState.from_beta(problem.X, beta, problem.bias, problem.dtype, problem.chunk_size, problem.comm)
     state, _ = newton_m_step(
         problem.X, state, W.clamp_min(1e-12), S1, problem.lam, dtype=problem.dtype, method="newton-cg",
-        max_steps=steps, cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol, chunk_size=problem.chunk_size,
-        comm=problem.comm,
+        max_steps=steps, tol=_m_tol(problem), cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol,
+        chunk_size=problem.chunk_size, comm=problem.comm,
     )  # fmt: skip
     return state
 
@@ -195,7 +201,8 @@ def _fit_splits(problem: FitProblem, data: Tensor, W: Tensor, S1: Tensor, beta: 
         log_w = torch.log(W2.clamp_min(1e-300) / W2.sum(1, keepdim=True).clamp_min(1e-300))
         state, _ = newton_m_step(
             problem.X, state, W_new.clamp_min(1e-12), S1_new, problem.lam, dtype=problem.dtype, method="newton-cg",
-            cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol, chunk_size=problem.chunk_size, comm=comm,
+            tol=_m_tol(problem), cg_max_iter=problem.cg_max_iter, cg_rtol=problem.cg_rtol,
+            chunk_size=problem.chunk_size, comm=comm,
         )  # fmt: skip
     return log_w.exp(), state
 

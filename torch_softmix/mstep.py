@@ -213,8 +213,14 @@ def armijo_steps(
     todo = active.clone()
     accepted = torch.zeros(K, dtype=torch.bool, device=slope.device)
     dA = torch.zeros(K, dtype=torch.float64, device=slope.device)
+    dA_t = torch.zeros(K, dtype=torch.float64, device=slope.device)
     for _ in range(MAX_BACKTRACKS + 1):
-        dA_t = kernels.log_normalizer_from_logits(log_s + t * XD, comm)
+        # only the components still backtracking are evaluated (the same on every rank: todo is global)
+        cols = torch.nonzero(todo).squeeze(1) if not bool(todo.all()) else None
+        if cols is None:
+            dA_t = kernels.log_normalizer_from_logits(log_s + t * XD, comm)
+        else:
+            dA_t[cols] = kernels.log_normalizer_from_logits(log_s[:, cols] + t[cols] * XD[:, cols], comm)
         gain = t * S1d - W * dA_t - lam * (t * bd + 0.5 * t * t * dd)
         ok = todo & (gain >= ARMIJO * t * slope)
         accepted |= ok
