@@ -314,6 +314,15 @@ def apply_move(point: Point, move: Move, pieces: Pieces, log_s: Tensor | None = 
     return alpha, beta, laws
 
 
+def objective_from_laws(problem: FitProblem, log_s: Tensor, alpha: Tensor, beta: Tensor) -> float:
+    """The per-token objective of weights ``alpha (K,)`` and atoms ``beta (K, L)`` whose log-laws on the support
+    ``log_s (S, K)`` are known (cached from the fits that made the atoms): no pass over ``X``; over several ranks
+    one all-reduce of a number."""
+    ll = (problem.counts.values * torch.logsumexp(log_s + alpha.log(), 1)).sum().reshape(1)
+    ll = kernels.allsum(ll, problem.comm, "moves_loglik")
+    return per_token_objective(float(ll), beta, problem.lam, problem.n_tokens)
+
+
 def ranked_moves(problem: FitProblem, point: Point, gen: torch.Generator, n: int) -> list[tuple[Tensor, Tensor]]:
     """The ``n`` best starts ``(alpha (K,), beta (K, L))`` of a round's moves, best first, by their objective as
     built (before any EM iteration).
@@ -327,14 +336,11 @@ def ranked_moves(problem: FitProblem, point: Point, gen: torch.Generator, n: int
         return []
     pieces = build_pieces(problem, point, moves, gen)
     _, log_s = shares(problem, point)
-    c, N = problem.counts, problem.n_tokens
     scored = []
     for move in moves:
         alpha, beta, laws = apply_move(point, move, pieces, log_s)
         alpha = alpha / alpha.sum()
-        ll = kernels.allsum((c.values * torch.logsumexp(laws + alpha.log(), 1)).sum().reshape(1), problem.comm,
-                            "moves_loglik")  # fmt: skip
-        scored.append((per_token_objective(float(ll), beta, problem.lam, N), alpha, beta))
+        scored.append((objective_from_laws(problem, laws, alpha, beta), alpha, beta))
     scored.sort(key=lambda t: -t[0])
     return [(alpha, beta) for _, alpha, beta in scored[:n]]
 
@@ -405,7 +411,7 @@ def transfer_starts(problem: FitProblem, point: Point, n: int, gen: torch.Genera
     K = R.shape[1]
     if K < 2 or n <= 0:
         return []
-    W, S1, N = R.sum(0), point.stats.S1.to(torch.float64), problem.n_tokens
+    W, S1 = R.sum(0), point.stats.S1.to(torch.float64)
     d = problem.design
     precond = None
     if curvature.usable(d, K):
@@ -437,8 +443,7 @@ def transfer_starts(problem: FitProblem, point: Point, n: int, gen: torch.Genera
             alpha, beta = _transferred(W, st.beta, a, b, dW, new[2 * i], new[2 * i + 1])
             cols = log_s.clone()
             cols[:, a], cols[:, b] = new_log_s[:, 2 * i], new_log_s[:, 2 * i + 1]
-            loglik = float((c.values * torch.logsumexp(cols + alpha.log(), 1)).sum())
-            best[kind].append((per_token_objective(loglik, beta, problem.lam, N), alpha, beta))
+            best[kind].append((objective_from_laws(problem, cols, alpha, beta), alpha, beta))
             best[kind].sort(key=lambda t: -t[0])
             del best[kind][n:]
     ranked = sorted(best["halves"] + best["companions"], key=lambda t: -t[0])
