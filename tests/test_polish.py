@@ -54,12 +54,15 @@ def test_polish_reaches_the_em_optimum_and_never_loses(problem):
 def test_fitter_polish_is_kept_and_improves_a_short_em(problem):
     X, truth, counts = problem
     start = sim.perturbed_start(truth, 0.3, seed=4)
-    short = EMFitter(3, init=start, max_iter=2, accelerate=None, polish_iter=0)
+    # no moves or transfers: their EM iterations would bring the "short" fit within ~1e-6 of the optimum
+    # (the gap then depends on the machine's rounding), and this test is about the polish alone
+    plain = dict(init=start, max_iter=2, accelerate=None, n_moves=0, n_transfers=0)
+    short = EMFitter(3, polish_iter=0, **plain)
     short.fit(X, counts=counts)
-    polished = EMFitter(3, init=start, max_iter=2, accelerate=None, polish_iter=200)
+    polished = EMFitter(3, polish_iter=200, **plain)
     polished.fit(X, counts=counts)
     assert polished.polish_["kept"] and polished.polish_["n_evals"] > 1
-    assert polished.objective_ > short.objective_ + 1e-6
+    assert polished.objective_ > short.objective_ + 1e-3
     assert polished.history_[-1]["phase"] == "polish"
     assert polished.head_.fit_info["polish"]["objective_after"] == polished.objective_
     assert short.polish_ is None
