@@ -6,7 +6,7 @@ import torch
 from torch_softmix import EMFitter, TokenCounts
 from torch_softmix import simulate as sim
 from torch_softmix.moments import Whitening
-from torch_softmix.polish import marginal_objective, polish
+from torch_softmix.polish import marginal_objective, out_of_reach, polish
 
 
 def test_gradient_matches_autograd():
@@ -204,3 +204,28 @@ def test_history_is_monotone_through_polish_and_moves(peaked):
     obj = [h["objective"] for h in fitter.history_]
     assert all(b >= a - 1e-12 * max(1.0, abs(a)) for a, b in zip(obj, obj[1:]))
     assert obj[-1] == pytest.approx(fitter.objective_, abs=1e-12)
+
+
+def test_out_of_reach_judges_by_the_recent_pace():
+    steady = [1e-3 * i for i in range(41)]  # 1e-2 per window of 10, 96 windows left: reach 0.96
+    assert not out_of_reach(steady, steady[-1] + 5.0, 960)  # within 10x the reach
+    assert out_of_reach(steady, steady[-1] + 20.0, 960)
+    shrinking = [1.0 - 0.5 ** (i / 10) for i in range(41)]  # each window gains half the last: tail = last gain
+    tail = shrinking[-1] - shrinking[-11]
+    assert not out_of_reach(shrinking, shrinking[-1] + 9 * tail, 10_000)
+    assert out_of_reach(shrinking, shrinking[-1] + 11 * tail, 10_000)
+    assert not out_of_reach(shrinking[:20], 100.0, 10_000)  # never before two windows
+    assert not out_of_reach(steady, steady[-1] - 1.0, 960)  # reached
+
+
+def test_polish_gives_up_on_a_target_out_of_reach_and_not_on_one_it_reaches(problem):
+    X, truth, counts = problem
+    N, lam = counts.total, 1e-6 * counts.total
+    start = sim.perturbed_start(truth, 0.3, seed=3)
+    u0, wh = start["alpha"].log(), Whitening.from_design(X)
+    full = polish(X, counts, start["beta"], u0, lam, wh, max_iter=500, tol=1e-15)
+    far = polish(X, counts, start["beta"], u0, lam, wh, max_iter=500, tol=1e-15, target=full.objective + 1e-2)
+    assert far.gave_up and not full.gave_up and far.n_iter < full.n_iter
+    assert far.objective >= far.trace[0]  # giving up keeps what was gained
+    near = polish(X, counts, start["beta"], u0, lam, wh, max_iter=500, tol=1e-15, target=full.objective - 1e-6)
+    assert not near.gave_up and near.objective >= full.objective - 1e-6

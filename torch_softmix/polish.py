@@ -54,6 +54,9 @@ C1, C2 = 1e-4, 0.9
 #: Convergence: the last this-many iterations gained less than ``tol`` per token each on average
 #: (single L-BFGS iterations can gain little before a large one).
 STALL_ITERS = 10
+#: A polish run toward a ``target`` gives up once the target lies more than this many times beyond what the run
+#: can still reach at its recent pace (:func:`out_of_reach`).
+GIVE_UP_MARGIN = 10.0
 #: Smallest weight used in the per-component scaling (a collapsed component must not get an infinite step).
 MIN_SCALE_WEIGHT = 1e-4
 
@@ -62,7 +65,7 @@ MIN_SCALE_WEIGHT = 1e-4
 class PolishResult:
     """``beta (K, L)``, ``log_alpha (K,)`` float64; per-token ``objective`` and ``loglik``; the objective after
     each iteration (``trace``), objective evaluations (line-search trials), iterations, passes over ``X``,
-    and whether it stopped on the tolerance (not on ``max_iter``)."""
+    whether it stopped on the tolerance (not on ``max_iter``), and whether it gave up on its ``target``."""
 
     beta: Tensor
     log_alpha: Tensor
@@ -73,6 +76,7 @@ class PolishResult:
     n_iter: int = 0
     n_passes: int = 0
     converged: bool = False
+    gave_up: bool = False
 
 
 @dataclass
@@ -145,6 +149,25 @@ def _max_abs(t: Tensor, comm) -> Tensor:
     """``max |t|`` over this rank's rows, or over all ranks' with a ``comm`` (one all-reduce of one number)."""
     local = t.abs().max().reshape(1) if t.numel() else t.new_zeros(1)
     return comm.max(local, "max_abs") if comm is not None and comm.distributed else local
+
+
+def out_of_reach(trace: list[float], target: float, iters_left: int, window: int = STALL_ITERS) -> bool:
+    """Whether an ascent whose objective after each iteration is ``trace`` will not reach ``target`` within
+    ``iters_left`` more iterations, judged by its pace: the gains ``g1``, ``g2`` of its last two windows of
+    ``window`` iterations. At a steady or growing pace it can reach ``g2`` per window for the windows left; at a
+    shrinking one (``r = g2 / g1 < 1``) the geometric tail ``g2 r / (1 - r)``, at most the former. It gives up
+    only when the target lies :data:`GIVE_UP_MARGIN` times further than that (and never before two windows).
+    """
+    if len(trace) <= 2 * window or trace[-1] >= target:
+        return False
+    g1 = trace[-1 - window] - trace[-1 - 2 * window]
+    g2 = trace[-1] - trace[-1 - window]
+    windows_left = iters_left / window
+    reach = max(g2, 0.0) * windows_left
+    if 0 < g2 < g1:
+        r = g2 / g1
+        reach = min(reach, g2 * r / (1.0 - r))
+    return target - trace[-1] > GIVE_UP_MARGIN * reach
 
 
 def _direction(g: Tensor, memory: list[tuple[Tensor, Tensor, float]], scale) -> Tensor:
@@ -235,6 +258,7 @@ def polish(
     n_tokens: float | None = None,
     precondition: bool = True,
     precondition_every: int = 50,
+    target: float | None = None,
 ) -> PolishResult:
     """L-BFGS (strong Wolfe line search on kept logits) on ``F / N`` from ``beta (K, L)``, ``log_alpha (K,)``.
 
@@ -245,7 +269,9 @@ def polish(
     ``on_iteration(n_iter, objective, loglik, beta, log_alpha)`` (per token; the current parameters) after
     each iteration. ``precondition``: the complete-data preconditioner above, rebuilt every
     ``precondition_every`` iterations (0: never). With a ``comm`` over several ranks,
-    ``X`` and ``counts`` are this rank's rows and ``n_tokens`` the total over all ranks.
+    ``X`` and ``counts`` are this rank's rows and ``n_tokens`` the total over all ranks. ``target``: a per-token
+    objective the caller needs reached (a trial move must beat the current fit); the run gives up (``gave_up``)
+    once its pace says it will not get there (:func:`out_of_reach`).
     """
     dev = X.device
     dtype = _param_dtype(X, dtype)
@@ -271,7 +297,7 @@ def polish(
     g = obj.gradient(point, b, u)
     trace = [-point.f]
     memory: list[tuple[Tensor, Tensor, float]] = []
-    n_iter, converged, since_refresh = 0, False, 0
+    n_iter, converged, since_refresh, gave_up = 0, False, 0, False
     H0 = _block_precond(X, lg, u, lam / N, whitening, dtype, chunk_size, comm) if precondition else None
     while n_iter < max_iter:
         if not precondition:  # per-component scaling by the current weights
@@ -323,6 +349,9 @@ def polish(
         if len(trace) > STALL_ITERS and trace[-1] - trace[-1 - STALL_ITERS] < STALL_ITERS * tol:
             converged = True
             break
+        if target is not None and out_of_reach(trace, target, max_iter - n_iter):
+            gave_up = True
+            break
     if since_refresh:
         lg = obj.logits(b)
         point = obj.at(lg, b, u)
@@ -336,4 +365,5 @@ def polish(
         n_iter=n_iter,
         n_passes=obj.n_passes,
         converged=converged,
+        gave_up=gave_up,
     )

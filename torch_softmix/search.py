@@ -176,6 +176,10 @@ MOVE_PRESCREEN = 16
 MOVE_FINALISTS = 2
 
 
+def _objective(r: RunResult) -> float:
+    return r.point.objective
+
+
 def _gains(problem: FitProblem, trial: RunResult, current: RunResult) -> bool:
     """Whether ``trial`` raises the objective enough over ``current`` for a move to be kept."""
     return trial.point.objective - current.point.objective > max(MOVE_GAIN, problem.tol)
@@ -225,7 +229,8 @@ def refine(
     first and gained 8.7e-6 per token, a k-means half 1.3e-4). Transfers can only improve on what the moves
     found. Monotone: only improvements are kept. A trial never runs more EM iterations than ``max_iter``.
     """
-    info = {"rounds": 0, "tried": 0, "transfers": 0, "continued": 0, "kept": 0, "gain": 0.0, "seconds": 0.0}
+    info = {"rounds": 0, "tried": 0, "transfers": 0, "continued": 0, "given_up": 0, "kept": 0, "gain": 0.0,
+            "seconds": 0.0}  # fmt: skip
     t0, t_base = time.perf_counter(), result.history[-1]["time"]
     K = result.state.log_alpha.shape[0]
     screen = min(MOVE_SCREEN_ITERS, sched.max_iter)  # a trial never runs more EM iterations than the fit may
@@ -247,8 +252,11 @@ def refine(
                 trial = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
                             history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
                 info["continued"] += 1
-                if sched.polish_iter > 0:
-                    trial, _ = polish_phase(problem, trial, sched, bars, None, start)
+                if sched.polish_iter > 0:  # the objective the trial must reach to be kept (give up when out of reach)
+                    bar = result if best is None or not keep_better else max(result, best, key=_objective)
+                    target = bar.point.objective + max(MOVE_GAIN, problem.tol)
+                    trial, done = polish_phase(problem, trial, sched, bars, None, start, target)
+                    info["given_up"] += int(done["gave_up"])
                 if not keep_better or best is None or _gains(problem, trial, best):  # a later finalist must beat
                     best = trial  # the earlier by as much as a move must gain: rounding never decides a near-tie
                 if not keep_better and _gains(problem, best, result):
@@ -297,12 +305,15 @@ def resume_run(
 
 
 def polish_phase(
-    problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars, user: Callable | None = None, start: str = ""
+    problem: FitProblem, result: RunResult, sched: Schedule, bars: Bars, user: Callable | None = None, start: str = "",
+    target: float | None = None,
 ) -> tuple[RunResult, dict]:
     """L-BFGS from EM's final point; the polished point is kept only if its objective is at least EM's.
 
-    Returns the run (its ``stop`` becomes ``"polish_tol"`` / ``"polish_max_iter"`` when the polish is kept
-    and EM had not converged) and what the phase did.
+    ``target``: the per-token objective a trial must reach to be of use (a move's); the L-BFGS run gives up
+    once its pace says it will not (:func:`~torch_softmix.polish.out_of_reach`). Returns the run (its ``stop``
+    becomes ``"polish_tol"`` / ``"polish_max_iter"`` when the polish is kept and EM had not converged) and what
+    the phase did.
     """
     t0 = time.perf_counter()
     bar = bars.open("L-BFGS", sched.polish_iter)
@@ -319,7 +330,7 @@ def polish_phase(
         problem.X, problem.counts, st.beta, st.log_alpha, problem.lam, problem.design.whitening, bias=problem.bias,
         max_iter=sched.polish_iter, tol=problem.tol, dtype=problem.dtype, chunk_size=problem.chunk_size,
         on_iteration=on_iteration,
-        comm=problem.comm, n_tokens=problem.n_tokens,
+        comm=problem.comm, n_tokens=problem.n_tokens, target=target,
     )  # fmt: skip
     point = problem.evaluate(problem.state(pr.log_alpha.exp(), pr.beta))
     kept = point.objective >= result.point.objective
@@ -328,6 +339,7 @@ def polish_phase(
         "n_evals": pr.n_evals,
         "n_passes": pr.n_passes,
         "converged": pr.converged,
+        "gave_up": pr.gave_up,
         "kept": kept,
         "objective_before": result.point.objective,
         "objective_after": point.objective,
