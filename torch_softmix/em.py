@@ -102,9 +102,10 @@ class EMFitter:
             iterations' passes, so a rate of 0.3 per map is already slower than L-BFGS near an optimum).
             ``None``: EM runs to its own convergence first.
         n_moves: after the fit converges, rounds of split-and-merge moves (:mod:`torch_softmix.moves`): each
-            round builds every move there is (at most 64 trials, the best-scored, where ``K > 4``), screens them
-            by a few EM iterations, and continues the ``n_moves`` best screened by EM and L-BFGS, best first; the
-            first that raises the objective is kept and the next round begins
+            round builds every move there is (at most 400 trials, the best-scored: all of them up to ``K = 8``),
+            screens them by a few EM iterations, and continues the ``n_moves`` best screened by EM and L-BFGS,
+            best first (a trial's L-BFGS run gives up once its pace says it will not beat the fit); the first
+            that raises the objective is kept and the next round begins
             (:func:`~torch_softmix.search.refine`). ``0``: no moves. With the vocabulary shared among ranks,
             every rank takes the same moves (the same result as one process).
         n_transfers: after the moves, rounds of *transfers*: a group of one component's frequent tokens (a
