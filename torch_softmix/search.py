@@ -176,13 +176,14 @@ MOVE_PRESCREEN = 16
 MOVE_FINALISTS = 2
 
 
-def _objective(r: RunResult) -> float:
-    return r.point.objective
+def _to_beat(problem: FitProblem, current: RunResult) -> float:
+    """The per-token objective a trial must exceed to be kept over ``current``."""
+    return current.point.objective + max(MOVE_GAIN, problem.tol)
 
 
 def _gains(problem: FitProblem, trial: RunResult, current: RunResult) -> bool:
     """Whether ``trial`` raises the objective enough over ``current`` for a move to be kept."""
-    return trial.point.objective - current.point.objective > max(MOVE_GAIN, problem.tol)
+    return trial.point.objective > _to_beat(problem, current)
 
 
 def _screened(
@@ -252,10 +253,9 @@ def refine(
                 trial = run(problem, lead.point, sched.max_iter, accelerate=sched.accelerate,
                             history=lead.history, n_done=lead.n_iter, switch_rate=_switch(sched))  # fmt: skip
                 info["continued"] += 1
-                if sched.polish_iter > 0:  # the objective the trial must reach to be kept (give up when out of reach)
-                    bar = result if best is None or not keep_better else max(result, best, key=_objective)
-                    target = bar.point.objective + max(MOVE_GAIN, problem.tol)
-                    trial, done = polish_phase(problem, trial, sched, bars, None, start, target)
+                if sched.polish_iter > 0:  # L-BFGS gives up once the trial cannot beat what it must
+                    rival = result if best is None or not keep_better else max(result, best, key=lambda r: r.point.objective)
+                    trial, done = polish_phase(problem, trial, sched, bars, None, start, _to_beat(problem, rival))
                     info["given_up"] += int(done["gave_up"])
                 if not keep_better or best is None or _gains(problem, trial, best):  # a later finalist must beat
                     best = trial  # the earlier by as much as a move must gain: rounding never decides a near-tie
