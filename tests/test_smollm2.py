@@ -55,7 +55,9 @@ def stored_case(design, name: str) -> dict:
 
     with safe_open(CASES_FILE, "pt") as fh:
         meta = fh.metadata()
-        assert json.loads(meta["cases"])[name] == CASES[name], f"{CASES_FILE.name} is stale: python -m tests.test_smollm2"
+        assert json.loads(meta["cases"])[name] == CASES[name], (
+            f"{CASES_FILE.name} is stale: python -m tests.test_smollm2"
+        )
         if meta["design"] != embedding_fingerprint(design.X):
             warnings.warn(f"{CASES_FILE.name} was drawn on another SmolLM2 design", stacklevel=2)
         t = {k.split(".", 1)[1]: fh.get_tensor(k) for k in fh.keys() if k.startswith(name + ".")}
@@ -147,7 +149,9 @@ def test_moves_leave_a_merged_and_split_basin_on_smollm2(smollm2):
     d = d / d.norm() * float(b[2].norm())
     bad = {"alpha": torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64),
            "beta": torch.stack([(b[0] + b[1]) / 2, b[2] + d, b[2] - d])}  # fmt: skip
-    oracle = EMFitter(3, init=truth, n_moves=0, n_transfers=0).fit(design, counts=counts).fit_info["objective_per_token"]
+    oracle = (
+        EMFitter(3, init=truth, n_moves=0, n_transfers=0).fit(design, counts=counts).fit_info["objective_per_token"]
+    )
     stuck = EMFitter(3, init=bad, n_moves=0, n_transfers=0)
     stuck.fit(design, counts=counts)
     assert stuck.objective_ < oracle - 1e-6
