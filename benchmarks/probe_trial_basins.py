@@ -48,28 +48,28 @@ def traced_case(X, B, K: int, N: int, seed: int) -> dict:
     _, truth, counts = E.make_case(X, B, K, N, seed)
     design = Design(X)
     design.whitening  # noqa: B018
-    fits: dict[float, torch.Tensor] = {}  # objective of every fit the phase returned -> its responsibilities
+    fits: dict[float, tuple[float, torch.Tensor]] = {}  # what a trial must beat -> (that fit's objective, its R)
     trials: list[dict] = []
     original = search.polish_phase
 
     def traced(problem, result, sched, bars, user=None, start="", target=None):
         trace, t0 = [], time.perf_counter()
-        if target is not None:  # a trial: find the fit it must beat
-            current = min(fits, key=lambda o: abs(o - (target - max(search.MOVE_GAIN, problem.tol))))
+        if target is not None:  # a trial: the fit it must beat (every fit of the search came out of this phase)
+            current, R_current = fits[target]
 
             def user(ev):  # noqa: F811  (trials get no callback from the fit)
                 if ev.phase == "polish" and ev.n_iter % EVERY == 0:
                     point = problem.evaluate(problem.state(ev.log_alpha.exp().double(), ev.beta.double()))
                     trace.append((ev.n_iter, ev.objective - current, total_variation(shares(problem, point)[0],
-                                                                                     fits[current])))  # fmt: skip
+                                                                                     R_current)))  # fmt: skip
 
         out, done = original(problem, result, sched, bars, user, start, target)
         if target is not None:
             trials.append({"gain": out.point.objective - current, "gave_up": bool(done["gave_up"]),
                            "n_iter": int(done["n_iter"]), "seconds": time.perf_counter() - t0,
-                           "tv_end": total_variation(shares(problem, out.point)[0], fits[current]),
+                           "tv_end": total_variation(shares(problem, out.point)[0], R_current),
                            "trace": trace})  # fmt: skip
-        fits[out.point.objective] = shares(problem, out.point)[0]
+        fits[search._to_beat(problem, out)] = (out.point.objective, shares(problem, out.point)[0])
         return out, done
 
     search.polish_phase = em_module.polish_phase = traced
